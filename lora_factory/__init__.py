@@ -1,0 +1,1 @@
+"""lora_factory: character LoRAs at scale, as Dagster assets."""

@@ -1,0 +1,1 @@
+"""The Dagster assets: thin functions over the core modules."""

@@ -1,0 +1,66 @@
+"""The production instance config (repo-root dagster.yaml) against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import psycopg2
+import pytest
+
+from lora_factory.assets.index import character_index
+from lora_factory.resources import CharacterIndex, FactoryStorage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+@pytest.fixture()
+def scratch_database():
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as error:
+        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({error})")
+    admin.autocommit = True
+    name = f"lf_test_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+def test_materialize_on_postgres_instance(scratch_database, tmp_path, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_PG_HOST", PG["host"])
+    monkeypatch.setenv("DAGSTER_PG_PORT", str(PG["port"]))
+    monkeypatch.setenv("DAGSTER_PG_USER", PG["user"])
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")
+    monkeypatch.setenv("DAGSTER_PG_DB", scratch_database)
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        result = dg.materialize(
+            [character_index],
+            instance=instance,
+            resources={
+                "storage": FactoryStorage(home=str(tmp_path / "factory")),
+                "character_index": CharacterIndex(),
+            },
+        )
+        assert result.success
+        event = instance.get_latest_materialization_event(dg.AssetKey("character_index"))
+        assert event is not None
+        assert event.asset_materialization.metadata["characters"].value == 4
+
+    # The runs really are in PostgreSQL, not in a local SQLite file.
+    with psycopg2.connect(dbname=scratch_database, **PG) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM runs")
+            assert cursor.fetchone()[0] == 1
+    assert not list(home.rglob("*.db"))

@@ -1,0 +1,101 @@
+"""character_index_sensor: add, change, remove, unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from lora_factory.resources import CharacterIndex
+from lora_factory.sensors import character_index_sensor
+
+ROWS = [
+    {"key": "surtr_arknights", "display_name": "Surtr", "franchise": "arknights"},
+    {"key": "yae_miko_genshin", "display_name": "Yae Miko", "franchise": "genshin_impact"},
+]
+
+
+def write_index(path: Path, rows: list[dict]) -> None:
+    path.write_text(yaml.safe_dump({"characters": rows}), encoding="utf-8")
+
+
+@pytest.fixture()
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def evaluate(instance, index_path: Path, cursor: str | None):
+    context = dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={"character_index": CharacterIndex(index_path=str(index_path))},
+    )
+    result = character_index_sensor(context)
+    if isinstance(result, dg.SensorResult):
+        for request in result.dynamic_partitions_requests or []:
+            if isinstance(request, dg.AddDynamicPartitionsRequest):
+                instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+            else:
+                for key in request.partition_keys:
+                    instance.delete_dynamic_partition(request.partitions_def_name, key)
+    return result
+
+
+def partitions(instance) -> list[str]:
+    return sorted(instance.get_dynamic_partitions("characters"))
+
+
+def test_new_index_adds_partitions_and_requests_a_run_per_row(instance, tmp_path):
+    index = tmp_path / "index.yaml"
+    write_index(index, ROWS)
+    result = evaluate(instance, index, cursor=None)
+    assert partitions(instance) == ["surtr_arknights", "yae_miko_genshin"]
+    keys = sorted(request.partition_key for request in result.run_requests)
+    assert keys == ["surtr_arknights", "yae_miko_genshin"]
+    run_keys = {request.run_key for request in result.run_requests}
+    assert all(run_key.split(":")[0] in keys for run_key in run_keys)
+
+
+def test_unchanged_index_does_nothing(instance, tmp_path):
+    index = tmp_path / "index.yaml"
+    write_index(index, ROWS)
+    first = evaluate(instance, index, cursor=None)
+    second = evaluate(instance, index, cursor=first.cursor)
+    assert isinstance(second, dg.SkipReason)
+    assert "unchanged" in second.skip_message
+
+
+def test_edited_row_reruns_only_that_row_with_a_new_run_key(instance, tmp_path):
+    index = tmp_path / "index.yaml"
+    write_index(index, ROWS)
+    first = evaluate(instance, index, cursor=None)
+    old_run_key = next(r.run_key for r in first.run_requests if r.partition_key == "surtr_arknights")
+    edited = [dict(ROWS[0], names=["スルト"]), ROWS[1]]
+    write_index(index, edited)
+    second = evaluate(instance, index, cursor=first.cursor)
+    assert [r.partition_key for r in second.run_requests] == ["surtr_arknights"]
+    assert second.run_requests[0].run_key != old_run_key
+    assert not second.dynamic_partitions_requests
+    # Reformatting the file without changing any row changes nothing.
+    index.write_text(yaml.safe_dump({"characters": edited}, indent=4), encoding="utf-8")
+    assert isinstance(evaluate(instance, index, cursor=second.cursor), dg.SkipReason)
+
+
+def test_removed_or_disabled_row_removes_the_partition_only(instance, tmp_path):
+    index = tmp_path / "index.yaml"
+    write_index(index, ROWS)
+    first = evaluate(instance, index, cursor=None)
+    write_index(index, [ROWS[0], dict(ROWS[1], enabled=False)])
+    second = evaluate(instance, index, cursor=first.cursor)
+    assert partitions(instance) == ["surtr_arknights"]
+    assert second.run_requests == []
+
+
+def test_invalid_index_fails_with_the_row_and_the_fix(instance, tmp_path):
+    index = tmp_path / "index.yaml"
+    write_index(index, [{"key": "Bad Key", "display_name": "X", "franchise": "y"}])
+    with pytest.raises(ValueError, match=r"row 1: key 'Bad Key' must be a lowercase slug"):
+        evaluate(instance, index, cursor=None)

@@ -16,7 +16,8 @@ class Stage:
 
     `reused` is the previous stamp when the code version, config and upstream outputs
     are all unchanged and the previous outputs still exist; the asset then skips its
-    work and describes what is stored.
+    work and describes what is stored. A non-`reusable` stage (scraping: the sites may
+    have new posts) always runs and relies on its own incremental logic.
     """
 
     def __init__(
@@ -26,7 +27,7 @@ class Stage:
         config: dg.Config | None = None,
         upstream: tuple[str, ...] = (),
         extra: dict[str, Any] | None = None,
-        outputs: tuple[Path, ...] = (),
+        reusable: bool = True,
     ):
         self.context = context
         self.asset = context.asset_key.to_user_string()
@@ -45,16 +46,22 @@ class Stage:
             extra or {},
         )
         previous = self.stamps.read(self.asset, self.key)
-        unchanged = previous is not None and previous.fingerprint == self.fingerprint
-        self.reused: Stamp | None = (
-            previous if unchanged and all(Path(p).exists() for p in outputs) else None
+        unchanged = (
+            reusable and previous is not None and previous.fingerprint == self.fingerprint
         )
+        self.reused: Stamp | None = previous if unchanged else None
         self.stamp = self.reused
-        if self.reused is not None:
-            context.log.info(
+
+    def needs_build(self, *outputs: Path) -> bool:
+        """True unless the inputs are unchanged and every output is still on disk."""
+        if self.reused is not None and all(Path(p).exists() for p in outputs):
+            self.context.log.info(
                 f"{self.asset}[{self.key}]: inputs unchanged since {self.reused.made_at} "
                 "(same code version, config and upstream data): reusing the stored result"
             )
+            return False
+        self.reused = self.stamp = None
+        return True
 
     def upstream(self, name: str) -> Stamp:
         return self.stamps.require(name, self.key)

@@ -23,18 +23,23 @@ class ImageSites(dg.ConfigurableResource):
     """The sites `raw_scrape` searches. Credentials come from environment variables
     (`dg.EnvVar`) and never reach logs, metadata or manifests."""
 
-    sites: list[SiteConfig] = [SiteConfig(name="demo", requests_per_second=50.0)]
+    # The default is the demo booru on loopback, so it may go faster than a real site.
+    sites: list[SiteConfig] = [{"name": "demo", "base_url": DEMO_BOORU, "requests_per_second": 50.0}]
     user_agent: str = "lora_factory/0.1 (character LoRA factory)"
     max_posts_per_tag: int = 200
     timeout_s: float = 30.0
     max_retries: int = 5
 
-    def clients(self, log=print) -> dict:
+    def site_configs(self) -> list[SiteConfig]:
+        # Dagster keeps a list default as plain dicts (it cannot hold Config objects).
+        return [SiteConfig(**s) if isinstance(s, dict) else s for s in self.sites]
+
+    def clients(self) -> dict:
         from lora_factory.sources.danbooru import DanbooruClient
         from lora_factory.sources.http import PoliteHttpClient
 
         clients = {}
-        for site in self.sites:
+        for site in self.site_configs():
             if not site.enabled:
                 continue
             if site.api != "danbooru":

@@ -1,0 +1,153 @@
+"""raw_scrape and matched_tags: from the character's names to the posts that are really them."""
+
+
+import dagster as dg
+
+from lora_factory.assets.index import character_index
+from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.stage import Stage
+from lora_factory.matching.tag_matching import match_character, surviving_posts
+from lora_factory.partitions import characters_partitions
+from lora_factory.provenance import frame_hash
+from lora_factory.resources import CharacterIndex, FactoryStorage, ImageSites
+from lora_factory.sources.scrape import candidate_tags, candidates_frame, scrape_character
+from lora_factory.storage import read_table, write_table
+
+# Columns that identify what was scraped (not where from: the demo booru's port changes).
+MANIFEST_IDENTITY = ["site", "post_id", "candidate_tag", "sha256"]
+
+
+@dg.asset(
+    partitions_def=characters_partitions,
+    group_name="dataset",
+    code_version="1",
+    deps=[character_index],
+    description=(
+        "Posts found on each enabled site for the character's candidate tags (tag search "
+        "over every name in the index): images stored once by sha256, and a Parquet "
+        "manifest (site, post id, url, md5, size, rating, site tags, candidate tag). "
+        "Incremental: a re-run downloads only posts it does not hold."
+    ),
+)
+def raw_scrape(
+    context: dg.AssetExecutionContext,
+    storage: FactoryStorage,
+    character_index: CharacterIndex,
+    image_sites: ImageSites,
+) -> dg.MaterializeResult:
+    stage = Stage(context, storage, reusable=False)
+    row = character_index.row(stage.key)
+    clients = image_sites.clients()
+    tags_by_site = {
+        site: candidate_tags(
+            row.all_names,
+            client,
+            forced_tags=[row.site_tags[site]] if site in row.site_tags else [],
+            franchise=row.franchise,
+        )
+        for site, client in clients.items()
+    }
+    candidates = candidates_frame(tags_by_site)
+    if candidates.empty:
+        raise RuntimeError(
+            f"{stage.key}: no site has a character tag for any of the names "
+            f"{list(row.all_names)}; add aliases to the index row, or force a tag with "
+            "site_tags: {<site>: <tag>}"
+        )
+    context.log.info(f"{stage.key}: candidate tags {candidates[['site', 'tag']].values.tolist()}")
+    result = scrape_character(
+        stage.key,
+        {site: [tag.name for tag in tags] for site, tags in tags_by_site.items()},
+        clients,
+        stage.store.blobs,
+        stage.store.table_path("raw_scrape", stage.key),
+        max_posts_per_tag=image_sites.max_posts_per_tag,
+        log=context.log.info,
+    )
+    write_table(candidates, stage.store.table_path("raw_scrape", stage.key, "candidates"))
+    counts = result.counts
+    stage.finish(
+        frame_hash(result.manifest, MANIFEST_IDENTITY) + frame_hash(candidates),
+        {"posts": len(result.manifest), "new": counts.new_posts},
+    )
+    manifest = result.manifest
+    return stage.result(
+        {
+            "dagster/row_count": len(manifest),
+            "images": int(manifest["sha256"].nunique()),
+            "new_posts": counts.new_posts,
+            "reused_posts": counts.reused_posts,
+            "failed_downloads": counts.failed,
+            "downloaded_mb": round(counts.downloaded_bytes / 2**20, 2),
+            "listing_errors": dg.MetadataValue.md(
+                "\n".join(f"- {e}" for e in result.listing_errors) or "none"
+            ),
+            "per_tag": table_metadata(result.per_tag),
+            "candidates": table_metadata(candidates),
+            "manifest_sample": table_metadata(
+                manifest[["site", "post_id", "candidate_tag", "width", "height", "rating", "error"]],
+                max_rows=25,
+            ),
+            "manifest_path": dg.MetadataValue.path(str(stage.store.table_path("raw_scrape", stage.key))),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=characters_partitions,
+    group_name="dataset",
+    code_version="1",
+    deps=[raw_scrape],
+    description=(
+        "For each site, which candidate tag really is this character: name similarity, "
+        "franchise co-occurrence in the posts and post count as evidence, an outcome "
+        "(trusted / likely / uncertain / rejected) and a confidence; a name that collides "
+        "with another franchise's character is rejected. Keeps the posts that survive."
+    ),
+)
+def matched_tags(
+    context: dg.AssetExecutionContext, storage: FactoryStorage, character_index: CharacterIndex
+) -> dg.MaterializeResult:
+    row = character_index.row(context.partition_key)
+    stage = Stage(context, storage, upstream=("raw_scrape",), extra={"row": row.content_hash()})
+    table_path = stage.store.table_path("matched_tags", stage.key)
+    posts_path = stage.store.table_path("matched_tags", stage.key, "posts")
+    if stage.needs_build(table_path, posts_path):
+        manifest = read_table(stage.store.table_path("raw_scrape", stage.key))
+        candidates = read_table(stage.store.table_path("raw_scrape", stage.key, "candidates"))
+        match = match_character(
+            stage.key,
+            row.display_name,
+            row.names,
+            row.franchise,
+            candidates,
+            manifest,
+            forced_tags=row.site_tags,
+            banned_tags=row.banned_tags,
+        )
+        if not match.chosen:
+            raise RuntimeError(
+                f"{stage.key}: no candidate tag was trusted on any site:\n"
+                + match.table[["site", "tag", "outcome", "evidence"]].to_string(index=False)
+                + "\nForce the right tag with site_tags: {<site>: <tag>} in the index row."
+            )
+        posts = surviving_posts(manifest, match.chosen)
+        write_table(match.table, table_path)
+        write_table(posts, posts_path)
+        stage.finish(frame_hash(posts, MANIFEST_IDENTITY), {"posts": len(posts)})
+    table = read_table(table_path)
+    posts = read_table(posts_path)
+    chosen = table[table["outcome"].isin(["trusted", "likely"])].drop_duplicates("site")
+    for record in table.itertuples(index=False):
+        context.log.info(f"{record.site} {record.tag}: {record.outcome} — {record.evidence}")
+    return stage.result(
+        {
+            "dagster/row_count": len(posts),
+            "chosen_tags": dg.MetadataValue.md(
+                "\n".join(f"- **{r.site}**: `{r.tag}` ({r.outcome}, confidence {r.confidence:.2f})"
+                          for r in chosen.itertuples(index=False))
+            ),
+            "rejected": int((table["outcome"] == "rejected").sum()),
+            "candidates": table_metadata(table),
+        }
+    )

@@ -1,0 +1,105 @@
+"""deepghs image classifiers (monochrome, anime classification, rating, aesthetic,
+AI-corruption), or the tiny ones.
+
+Preprocessing as imgutils' generic classifier: RGB with transparency on white, resized
+to the model's input size (384 for the mobilenetv3 models; read from the model when
+fixed) with bilinear resampling, /255, normalised with mean 0.5 / std 0.5, NCHW float32.
+Labels come from `meta.json` ({"labels": [...]}) next to the model file (or the
+model's "labels" metadata).
+
+Outputs: deepghs exports end in a softmax, so the "output" tensor already holds
+probabilities. `output_kind="auto"` checks that (every row within [0, 1] and summing to
+1) and applies a softmax otherwise, so a model exported with raw logits still gives
+probabilities; pass "probabilities" or "logits" to decide explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lora_factory.vision.imageops import rgb_on_white
+from lora_factory.vision.runtime import chunks, create_session, input_hw, run_batched
+
+OUTPUT_KINDS = ("auto", "probabilities", "logits")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def looks_like_probabilities(rows: np.ndarray, tolerance: float = 1e-3) -> bool:
+    """Every row within [0, 1] and summing to 1 (a softmax output)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    in_range = bool(np.all(rows >= -tolerance) and np.all(rows <= 1 + tolerance))
+    return in_range and bool(np.allclose(rows.sum(axis=1), 1.0, atol=tolerance * rows.shape[1]))
+
+
+def _model_file(model_path: Path) -> Path:
+    model_path = Path(model_path)
+    return model_path / "model.onnx" if model_path.is_dir() else model_path
+
+
+def read_labels(model_file: Path, metadata: dict[str, str]) -> list[str]:
+    """Labels from `meta.json` next to the model file, else from the model's "labels"
+    metadata (a JSON list)."""
+    meta = model_file.parent / "meta.json"
+    if meta.is_file():
+        labels, source = json.loads(meta.read_text(encoding="utf-8")).get("labels"), str(meta)
+    elif "labels" in metadata:
+        labels, source = json.loads(metadata["labels"]), f"{model_file}'s 'labels' metadata"
+    else:
+        raise FileNotFoundError(
+            f"no labels for {model_file}: put its meta.json ({{\"labels\": [...]}}) next to it "
+            "or pass labels=[...]"
+        )
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{source} must hold a list of class names, got {labels!r}")
+    return labels
+
+
+class ImageClassifier:
+    """A single-label image classifier; `predict` gives label -> probability per image."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        labels: list[str] | None = None,
+        input_size: int = 384,
+        providers: str = "auto",
+        output_kind: str = "auto",
+    ):
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+        self.model_path = _model_file(model_path)
+        self.session = create_session(self.model_path, providers)
+        if labels is None:
+            labels = read_labels(self.model_path, self.session.get_modelmeta().custom_metadata_map)
+        self.labels = list(labels)
+        outputs = self.session.get_outputs()[0].shape[-1]
+        if isinstance(outputs, int) and outputs != len(self.labels):
+            raise ValueError(f"{self.model_path} has {outputs} outputs but {len(self.labels)} labels: {self.labels}")
+        height, width = input_hw(self.session, (input_size, input_size), "NCHW")
+        self.size = (width, height)
+        self.output_kind = output_kind
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """[1,3,H,W] float32 RGB normalised to -1..1."""
+        resized = rgb_on_white(image).resize(self.size, Image.Resampling.BILINEAR)
+        data = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return ((data - 0.5) / 0.5)[None]
+
+    def predict(self, images: Sequence[Image.Image], batch_size: int = 16) -> list[dict[str, float]]:
+        predictions = []
+        for chunk in chunks(images, batch_size):
+            outputs = run_batched(self.session, np.concatenate([self.preprocess(image) for image in chunk]), batch_size)
+            if self.output_kind == "logits" or (self.output_kind == "auto" and not looks_like_probabilities(outputs)):
+                outputs = softmax(outputs)
+            predictions += [dict(zip(self.labels, map(float, row), strict=True)) for row in outputs]
+        return predictions

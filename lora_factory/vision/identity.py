@@ -1,0 +1,80 @@
+"""CCIP character identity (deepghs/ccip_onnx, or the tiny one).
+
+A model folder holds `model_feat.onnx` (image -> 768-d feature), `model_metrics.onnx`
+(a batch of features [K,768] -> pairwise differences [K,K], lower = more alike) and
+`metrics.json` whose "threshold" separates same-character pairs (below) from others.
+Preprocessing as CCIP: RGB (transparency on white), resized to 384x384 bilinear
+(aspect not kept), /255, CLIP mean/std normalisation, NCHW float32.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lora_factory.vision.imageops import rgb_on_white
+from lora_factory.vision.runtime import chunks, create_session, input_hw, run_batched
+
+CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], dtype=np.float32).reshape(3, 1, 1)
+CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], dtype=np.float32).reshape(3, 1, 1)
+DEFAULT_SIZE = 384
+
+
+class IdentityModel:
+    """Character identity features and their pairwise differences."""
+
+    def __init__(self, model_dir: Path, providers: str = "auto"):
+        self.model_dir = Path(model_dir)
+        metrics_path = self.model_dir / "metrics.json"
+        if not metrics_path.is_file():
+            raise FileNotFoundError(
+                f"{metrics_path} is missing: a CCIP model folder holds model_feat.onnx, "
+                "model_metrics.onnx and metrics.json"
+            )
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        if "threshold" not in metrics:
+            raise ValueError(f"{metrics_path} has no 'threshold' key")
+        self.threshold = float(metrics["threshold"])
+        self.feature_session = create_session(self.model_dir / "model_feat.onnx", providers)
+        self.metrics_session = create_session(self.model_dir / "model_metrics.onnx", providers)
+        height, width = input_hw(self.feature_session, (DEFAULT_SIZE, DEFAULT_SIZE), "NCHW")
+        self.size = (width, height)
+        self.dim = self.feature_session.get_outputs()[0].shape[-1]
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """[1,3,H,W] float32, CLIP-normalised RGB."""
+        resized = rgb_on_white(image).resize(self.size, Image.Resampling.BILINEAR)
+        data = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return ((data - CLIP_MEAN) / CLIP_STD)[None].astype(np.float32)
+
+    def embed(self, images: Sequence[Image.Image], batch_size: int = 16) -> np.ndarray:
+        """[N, dim] float32 features."""
+        features = [np.zeros((0, self.dim), dtype=np.float32)]
+        for chunk in chunks(images, batch_size):
+            batch = np.concatenate([self.preprocess(image) for image in chunk])
+            features.append(run_batched(self.feature_session, batch, batch_size).astype(np.float32))
+        return np.concatenate(features)
+
+    def difference(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """[N,M] differences between every feature of `a` [N,dim] and of `b` [M,dim].
+
+        The metrics model compares one batch with itself, so a and b go in together and
+        the off-diagonal block comes out.
+        """
+        a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+        for name, value in (("a", a), ("b", b)):
+            if value.ndim != 2 or value.shape[1] != self.dim:
+                raise ValueError(f"{name} must be [count, {self.dim}] features, got shape {value.shape}")
+        if not len(a) or not len(b):
+            return np.zeros((len(a), len(b)), dtype=np.float32)
+        model_input = self.metrics_session.get_inputs()[0].name
+        (pairwise,) = self.metrics_session.run(None, {model_input: np.concatenate([a, b])})
+        return pairwise[: len(a), len(a) :]
+
+    def same_character(self, difference: np.ndarray) -> np.ndarray:
+        """Boolean array: which differences mean the same character."""
+        return np.asarray(difference) < self.threshold

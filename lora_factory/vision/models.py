@@ -1,0 +1,97 @@
+"""The bundle of vision models the pipeline uses, loaded through a `ModelRegistry`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_factory.vision.classifiers import ImageClassifier
+from lora_factory.vision.detection import YoloDetector
+from lora_factory.vision.identity import IdentityModel
+from lora_factory.vision.registry import ModelNotFoundError, ModelRegistry
+from lora_factory.vision.tagger import WD14Tagger
+
+DETECTOR_ROLES = ("person", "halfbody", "head", "face")
+CLASSIFIER_ROLES = ("monochrome", "classification", "rating", "aesthetic")
+ROLES = ("tagger", "identity", *DETECTOR_ROLES, *CLASSIFIER_ROLES)
+
+DEFAULT_TINY_MODELS: dict[str, str] = {
+    "tagger": "tiny-tagger",
+    "identity": "tiny-identity",
+    **{role: f"tiny-{role}" for role in (*DETECTOR_ROLES, *CLASSIFIER_ROLES)},
+}
+DEFAULT_REAL_MODELS: dict[str, str] = {
+    "tagger": "wd-swinv2-tagger-v3",
+    "identity": "ccip-caformer-24-randaug-pruned",
+    "person": "person_detect_v1.1_m",
+    "halfbody": "halfbody_detect_v1.0_s",
+    "head": "head_detect_v2.0_s",
+    "face": "face_detect_v1.4_s",
+    "monochrome": "monochrome_detect",
+    "classification": "anime_classification",
+    "rating": "anime_rating",
+    "aesthetic": "anime_aesthetic",
+}
+# Confidence thresholds when neither the caller nor the model's spec gives one
+# (the defaults of the real deepghs detectors).
+DEFAULT_CONF_THRESHOLDS = {"person": 0.3, "halfbody": 0.5, "head": 0.4, "face": 0.25}
+DEFAULT_CLASSIFIER_SIZE = 384
+
+
+@dataclass
+class VisionModels:
+    tagger: WD14Tagger
+    identity: IdentityModel
+    person: YoloDetector
+    halfbody: YoloDetector
+    head: YoloDetector
+    face: YoloDetector
+    monochrome: ImageClassifier
+    classification: ImageClassifier
+    rating: ImageClassifier
+    aesthetic: ImageClassifier
+
+    @classmethod
+    def load(
+        cls,
+        registry: ModelRegistry,
+        names: Mapping[str, str | Path] | None = None,
+        thresholds: Mapping[str, float] | None = None,
+        general_threshold: float = 0.35,
+        character_threshold: float = 0.85,
+        providers: str = "auto",
+    ) -> VisionModels:
+        """Load every role's model; `names` overrides some roles (default: the tiny set),
+        `thresholds` overrides detector confidence thresholds by role."""
+        names = {**DEFAULT_TINY_MODELS, **(names or {})}
+        thresholds = dict(thresholds or {})
+        unknown = (set(names) | set(thresholds)) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown vision roles {sorted(unknown)}; roles are {list(ROLES)}")
+
+        def defaults(role: str) -> Mapping[str, float]:
+            try:
+                return registry.spec(str(names[role])).defaults
+            except ModelNotFoundError:  # a local path: no spec, no defaults
+                return {}
+
+        def detector(role: str) -> YoloDetector:
+            conf = thresholds.get(role, defaults(role).get("conf_threshold", DEFAULT_CONF_THRESHOLDS[role]))
+            return YoloDetector(registry.resolve(names[role]), conf_threshold=conf, providers=providers)
+
+        def classifier(role: str) -> ImageClassifier:
+            size = int(defaults(role).get("input_size", DEFAULT_CLASSIFIER_SIZE))
+            return ImageClassifier(registry.resolve(names[role]), input_size=size, providers=providers)
+
+        return cls(
+            tagger=WD14Tagger(
+                registry.resolve(names["tagger"]),
+                general_threshold=general_threshold,
+                character_threshold=character_threshold,
+                providers=providers,
+            ),
+            identity=IdentityModel(registry.resolve(names["identity"]), providers=providers),
+            **{role: detector(role) for role in DETECTOR_ROLES},
+            **{role: classifier(role) for role in CLASSIFIER_ROLES},
+        )

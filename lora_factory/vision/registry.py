@@ -1,0 +1,239 @@
+"""Where vision models come from: a local path, a tiny model the project builds, or a
+Hugging Face repository file found locally.
+
+Nothing here downloads unless `offline=False`; a model that cannot be found raises
+`ModelNotFoundError` naming every place looked and the one command that fetches it.
+Specs are plain data: when a repository moves or renames a file, fix the spec here.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from lora_factory.storage import sha256_file
+from lora_factory.vision.tiny_models import TINY_MODEL_FILES, build_tiny_model
+
+KINDS = ("tagger", "identity", "detector", "classifier")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model's files are not on this machine."""
+
+
+class ModelIntegrityError(ValueError):
+    """A model file's sha256 is not the pinned one."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model: which files (relative to the repository root) make it up.
+
+    All files of a spec live in one folder of the repository; `resolve` returns that
+    folder. `defaults` holds the model's recommended settings (e.g. conf_threshold).
+    """
+
+    name: str
+    repo_id: str | None
+    files: tuple[str, ...]
+    revision: str = "main"
+    sha256: Mapping[str, str] = field(default_factory=dict)
+    kind: str = field(kw_only=True)  # one of KINDS
+    defaults: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.files:
+            raise ValueError(f"model {self.name!r} lists no files")
+        folders = {PurePosixPath(f).parent for f in self.files}
+        if len(folders) != 1:
+            raise ValueError(f"model {self.name!r}: all files must share one folder, got {sorted(map(str, folders))}")
+        unknown = set(self.sha256) - set(self.files)
+        if unknown:
+            raise ValueError(f"model {self.name!r}: sha256 given for files it does not list: {sorted(unknown)}")
+
+    @property
+    def folder(self) -> str:
+        """The files' folder inside the repository ("" for the root)."""
+        parent = str(PurePosixPath(self.files[0]).parent)
+        return "" if parent == "." else parent
+
+    def fetch_command(self, cache_dir: Path | None = None) -> str:
+        """The command that downloads this model into the Hugging Face cache."""
+        if self.repo_id is None:
+            raise ValueError(f"model {self.name!r} is built locally and has nothing to fetch")
+        parts = ["hf", "download", self.repo_id, *self.files, "--revision", self.revision]
+        if cache_dir is not None:
+            parts += ["--cache-dir", str(cache_dir)]
+        return shlex.join(parts)
+
+
+def _hub(name: str, repo_id: str, folder: str, files: Iterable[str], kind: str, **defaults: float) -> ModelSpec:
+    return ModelSpec(name, repo_id, tuple(f"{folder}/{f}" for f in files), kind=kind, defaults=defaults)
+
+
+WD14_FILES = ("model.onnx", "selected_tags.csv")
+CCIP_FILES = ("model_feat.onnx", "model_metrics.onnx", "metrics.json")
+DETECTOR_FILES = ("model.onnx",)
+CLASSIFIER_FILES = ("model.onnx", "meta.json")
+
+# Real models (facts from DESIGN.md section 3 and the deepghs/imgutils layouts). Detector
+# folders are named after the model; classifier folders are the chosen variant.
+BUILTIN_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec("wd-swinv2-tagger-v3", "SmilingWolf/wd-swinv2-tagger-v3", WD14_FILES, kind="tagger"),
+    ModelSpec("wd-convnext-tagger-v3", "SmilingWolf/wd-convnext-tagger-v3", WD14_FILES, kind="tagger"),
+    ModelSpec("wd-vit-tagger-v3", "SmilingWolf/wd-vit-tagger-v3", WD14_FILES, kind="tagger"),
+    _hub("ccip-caformer-24-randaug-pruned", "deepghs/ccip_onnx",
+         "ccip-caformer-24-randaug-pruned", CCIP_FILES, "identity"),
+    _hub("person_detect_v1.1_m", "deepghs/anime_person_detection",
+         "person_detect_v1.1_m", DETECTOR_FILES, "detector", conf_threshold=0.3),
+    _hub("head_detect_v2.0_s", "deepghs/anime_head_detection",
+         "head_detect_v2.0_s", DETECTOR_FILES, "detector", conf_threshold=0.4),
+    _hub("face_detect_v1.4_s", "deepghs/anime_face_detection",
+         "face_detect_v1.4_s", DETECTOR_FILES, "detector", conf_threshold=0.25),
+    _hub("halfbody_detect_v1.0_s", "deepghs/anime_halfbody_detection",
+         "halfbody_detect_v1.0_s", DETECTOR_FILES, "detector", conf_threshold=0.5),
+    _hub("monochrome_detect", "deepghs/monochrome_detect",
+         "mobilenetv3_large_100_dist_safe2", CLASSIFIER_FILES, "classifier"),
+    _hub("anime_classification", "deepghs/anime_classification",
+         "mobilenetv3_v1.5_dist", CLASSIFIER_FILES, "classifier"),
+    _hub("anime_rating", "deepghs/anime_rating",
+         "mobilenetv3_sce_dist", CLASSIFIER_FILES, "classifier"),
+    _hub("anime_aesthetic", "deepghs/anime_aesthetic",
+         "swinv2pv3_v0_448_ls0.2_x", CLASSIFIER_FILES, "classifier", input_size=448),
+    _hub("ai_image_corrupted", "deepghs/ai_image_corrupted",
+         "caformer_s36_v0_focal", CLASSIFIER_FILES, "classifier"),
+)  # fmt: skip
+
+_TINY_KINDS = {"tiny-tagger": "tagger", "tiny-identity": "identity"}
+_TINY_DEFAULTS = {"tiny-person": 0.3, "tiny-head": 0.4, "tiny-face": 0.25, "tiny-halfbody": 0.5}
+TINY_SPECS: tuple[ModelSpec, ...] = tuple(
+    ModelSpec(
+        name,
+        None,
+        files,
+        kind=_TINY_KINDS.get(name, "detector" if name in _TINY_DEFAULTS else "classifier"),
+        defaults={"conf_threshold": _TINY_DEFAULTS[name]} if name in _TINY_DEFAULTS else {},
+    )
+    for name, files in TINY_MODEL_FILES.items()
+)
+
+
+class ModelRegistry:
+    """Resolves model names (or local paths) to local folders/files.
+
+    - an existing local file or folder is used as it is;
+    - a tiny spec is (re)built deterministically into `models_dir/tiny/<name>/`;
+    - a hub spec is looked for in `models_dir/hub/<repo_id>/<files>` and then in the
+      local Hugging Face cache (`hf_cache_dir`, default: the standard cache); with
+      `offline=False` a missing hub file is downloaded into that cache.
+    """
+
+    def __init__(
+        self,
+        models_dir: Path,
+        offline: bool = True,
+        specs: Iterable[ModelSpec] = (*BUILTIN_SPECS, *TINY_SPECS),
+        hf_cache_dir: Path | None = None,
+    ):
+        self.models_dir = Path(models_dir)
+        self.offline = offline
+        self.hf_cache_dir = Path(hf_cache_dir) if hf_cache_dir is not None else None
+        self._specs: dict[str, ModelSpec] = {}
+        self._lock = threading.Lock()
+        for spec in specs:
+            self.register(spec)
+
+    def register(self, spec: ModelSpec) -> None:
+        self._specs[spec.name] = spec
+
+    def spec(self, name: str) -> ModelSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise ModelNotFoundError(
+                f"unknown model {name!r}: not an existing path and not a registered model; "
+                f"registered models: {sorted(self._specs)}"
+            ) from None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def resolve(self, name_or_path: str | Path) -> Path:
+        """The local folder holding the model's files (or the given existing path)."""
+        path = Path(name_or_path).expanduser()
+        if path.exists():
+            return path
+        spec = self.spec(str(name_or_path))
+        with self._lock:
+            if spec.repo_id is None:
+                return self._build_tiny(spec)
+            return self._find_hub(spec)
+
+    def _build_tiny(self, spec: ModelSpec) -> Path:
+        if spec.name not in TINY_MODEL_FILES:
+            raise ModelNotFoundError(
+                f"model {spec.name!r} has no repository and is not a tiny model this project builds"
+            )
+        folder = build_tiny_model(spec.name, self.models_dir / "tiny" / spec.name)
+        self._check_sha256(spec, {f: folder / f for f in spec.files})
+        return folder
+
+    def _find_hub(self, spec: ModelSpec) -> Path:
+        assert spec.repo_id is not None
+        manual = self.models_dir / "hub" / spec.repo_id
+        looked = [str(manual / spec.folder)]
+        found = {f: manual / f for f in spec.files}
+        if not all(p.is_file() for p in found.values()):
+            found, where = self._from_hf_cache(spec)
+            looked.append(where)
+        if found is None:
+            missing_note = "" if self.offline else " (download failed)"
+            raise ModelNotFoundError(
+                f"model {spec.name!r} ({spec.repo_id}@{spec.revision}: {', '.join(spec.files)}) is not on "
+                f"this machine{missing_note}. Looked in: {'; '.join(looked)}. Fetch it with:\n"
+                f"  {spec.fetch_command(self.hf_cache_dir)}\n"
+                f"or copy the files into {manual}/ keeping their paths."
+            )
+        self._check_sha256(spec, found)
+        return next(iter(found.values())).parent
+
+    def _from_hf_cache(self, spec: ModelSpec) -> tuple[dict[str, Path] | None, str]:
+        try:
+            from huggingface_hub import constants, errors, hf_hub_download
+        except ImportError:
+            return None, "the Hugging Face cache (huggingface_hub is not installed)"
+        cache = self.hf_cache_dir or Path(constants.HF_HUB_CACHE)
+        where = f"the Hugging Face cache {cache}"
+        found = {}
+        for file_name in spec.files:
+            try:
+                found[file_name] = Path(
+                    hf_hub_download(
+                        spec.repo_id,
+                        file_name,
+                        revision=spec.revision,
+                        cache_dir=self.hf_cache_dir,
+                        local_files_only=self.offline,
+                    )
+                )
+            except (errors.LocalEntryNotFoundError, errors.EntryNotFoundError, errors.RepositoryNotFoundError,
+                    errors.RevisionNotFoundError, errors.HfHubHTTPError, OSError):  # fmt: skip
+                return None, where
+        return found, where
+
+    @staticmethod
+    def _check_sha256(spec: ModelSpec, files: Mapping[str, Path]) -> None:
+        for file_name, expected in spec.sha256.items():
+            actual = sha256_file(files[file_name])
+            if actual != expected.lower():
+                raise ModelIntegrityError(
+                    f"model {spec.name!r}: {files[file_name]} has sha256 {actual}, expected {expected}. "
+                    "The file is corrupt or another version: delete it and fetch it again"
+                    + (f" ({spec.fetch_command()} --force-download)." if spec.repo_id else ".")
+                )

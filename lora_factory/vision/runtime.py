@@ -1,0 +1,166 @@
+"""ONNX Runtime sessions: one per (model file, providers) per process, always with an
+explicit provider list.
+
+onnxruntime-gpu lists the CUDA and TensorRT providers even on machines without CUDA and
+logs load errors when a session is created without an explicit provider list, so
+"auto" probes CUDA once (quietly) and falls back to the CPU provider.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+# ORT severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
+_QUIET = 3
+_SILENT = 4
+
+_sessions: dict[tuple[str, int, int, str, int], ort.InferenceSession] = {}
+_sessions_lock = threading.Lock()
+_cuda_usable: bool | None = None
+
+
+def default_thread_count() -> int:
+    """Cores this process may use (cgroup/affinity aware), at most 8: more threads than
+    that only add contention for these small models."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _session_options(intra_op_threads: int | None, severity: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads or default_thread_count()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = severity
+    return options
+
+
+def _cuda_driver_present() -> bool:
+    # Without the driver library the CUDA provider cannot load; skipping the probe keeps
+    # onnxruntime from logging a load error on every CPU-only machine.
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def cuda_usable(probe_model: Path) -> bool:
+    """Whether the CUDA provider really loads here (probed once per process)."""
+    global _cuda_usable
+    if _cuda_usable is None:
+        usable = False
+        if CUDA in ort.get_available_providers() and _cuda_driver_present():
+            try:
+                probe = ort.InferenceSession(
+                    str(probe_model),
+                    sess_options=_session_options(1, _SILENT),
+                    providers=[CUDA, CPU],
+                )
+                usable = probe.get_providers()[0] == CUDA
+            except Exception:  # any load failure means: not usable
+                usable = False
+        _cuda_usable = usable
+    return _cuda_usable
+
+
+def _provider_list(path: Path, providers: str) -> list[str]:
+    if providers not in PROVIDER_CHOICES:
+        raise ValueError(f"providers must be one of {PROVIDER_CHOICES}, got {providers!r}")
+    if providers == "cpu":
+        return [CPU]
+    if cuda_usable(path):
+        return [CUDA, CPU]
+    if providers == "cuda":
+        raise RuntimeError(
+            f"providers='cuda' was asked for {path}, but the CUDA execution provider does not "
+            "load on this machine (no NVIDIA driver/CUDA libraries); use providers='auto' or 'cpu'"
+        )
+    return [CPU]
+
+
+def create_session(
+    path: Path | str, providers: str = "auto", intra_op_threads: int | None = None
+) -> ort.InferenceSession:
+    """An `InferenceSession` for the ONNX file at `path`, shared per process.
+
+    `providers`: "auto" (CUDA when it really loads, else CPU), "cpu" or "cuda".
+    A file that changes on disk (size or mtime) gets a new session.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model file not found: {path}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, providers, intra_op_threads or 0)
+    with _sessions_lock:
+        session = _sessions.get(key)
+        if session is None:
+            session = ort.InferenceSession(
+                str(path),
+                sess_options=_session_options(intra_op_threads, _QUIET),
+                providers=_provider_list(path, providers),
+            )
+            _sessions[key] = session
+        return session
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    """Consecutive slices of at most `size` items: images are preprocessed one chunk at a
+    time so a long list never sits in memory as one big tensor."""
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_batched(
+    session: ort.InferenceSession, batch: np.ndarray, batch_size: int, output_index: int = 0
+) -> np.ndarray:
+    """Run a single-input model over `batch` in chunks and concatenate one output.
+
+    A model exported with a fixed batch dimension is run with exactly that many
+    images per call (the last chunk padded, the padding dropped afterwards).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    model_input = session.get_inputs()[0]
+    output_name = session.get_outputs()[output_index].name
+    fixed = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
+    step = fixed or batch_size
+    results = []
+    for start in range(0, len(batch), step):
+        chunk = batch[start : start + step]
+        missing = step - len(chunk) if fixed else 0
+        if missing:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)])
+        (output,) = session.run([output_name], {model_input.name: chunk})
+        results.append(output[: len(output) - missing])
+    return np.concatenate(results)
+
+
+def input_hw(session: ort.InferenceSession, default: tuple[int, int], layout: str) -> tuple[int, int]:
+    """The (height, width) a model's image input is fixed to, or `default` where dynamic.
+
+    `layout` is "NCHW" or "NHWC".
+    """
+    shape: Sequence = session.get_inputs()[0].shape
+    if len(shape) != 4:
+        raise ValueError(f"expected a 4-d image input, the model's input has shape {shape}")
+    height, width = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+    return (
+        height if isinstance(height, int) else default[0],
+        width if isinstance(width, int) else default[1],
+    )

@@ -1,0 +1,192 @@
+"""Pictures for run metadata: contact sheets, checkpoint x prompt grids, metric curves.
+
+Dagster has no image metadata type, but its UI renders markdown, and markdown accepts
+PNGs embedded as data URIs. Those URIs live in the event log database, so every PNG made
+here is kept under a byte budget (downscaled until it fits) rather than at full size.
+Pure PIL/matplotlib: no Dagster, no GUI backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+from collections.abc import Sequence
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+# A few of these per materialization are fine in the event log; megabytes are not.
+DEFAULT_MAX_PNG_BYTES = 300_000
+LABEL_HEIGHT = 14
+ROW_LABEL_WIDTH = 110
+BACKGROUND = (255, 255, 255)
+TEXT_COLOUR = (20, 20, 20)
+
+
+def contact_sheet_png(
+    images: Sequence[Image.Image],
+    labels: Sequence[str] | None = None,
+    thumb: int = 128,
+    cols: int = 8,
+    max_bytes: int = DEFAULT_MAX_PNG_BYTES,
+) -> bytes:
+    """Thumbnails of `images` in a grid of `cols` columns, each with its label below."""
+    if not images:
+        raise ValueError("contact_sheet_png needs at least one image")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"got {len(labels)} labels for {len(images)} images: pass one per image")
+    if thumb < 8 or cols < 1:
+        raise ValueError(f"thumb must be >= 8 and cols >= 1 (got thumb={thumb}, cols={cols})")
+    cols = min(cols, len(images))
+    rows = -(-len(images) // cols)
+    label_height = LABEL_HEIGHT if labels is not None else 0
+    cell_height = thumb + label_height
+    sheet = Image.new("RGB", (cols * thumb, rows * cell_height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for index, image in enumerate(images):
+        left, top = (index % cols) * thumb, (index // cols) * cell_height
+        _paste_thumbnail(sheet, image, left, top, thumb)
+        if labels is not None:
+            _draw_label(draw, labels[index], left + 2, top + thumb + 1, thumb - 4)
+    return encode_png(sheet, max_bytes)
+
+
+def image_grid_png(
+    rows: Sequence[Sequence[Image.Image]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    thumb: int = 128,
+    max_bytes: int = DEFAULT_MAX_PNG_BYTES,
+) -> bytes:
+    """A labelled table of images, e.g. one row per checkpoint and one column per prompt."""
+    if not rows:
+        raise ValueError("image_grid_png needs at least one row")
+    if len(row_labels) != len(rows):
+        raise ValueError(f"got {len(row_labels)} row labels for {len(rows)} rows")
+    for row_index, row in enumerate(rows):
+        if len(row) != len(col_labels):
+            raise ValueError(
+                f"row {row_index} has {len(row)} images but there are {len(col_labels)} "
+                "column labels: every row needs one image per column"
+            )
+    if not col_labels:
+        raise ValueError("image_grid_png needs at least one column")
+    width = ROW_LABEL_WIDTH + len(col_labels) * thumb
+    height = LABEL_HEIGHT + len(rows) * thumb
+    grid = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+    for col_index, label in enumerate(col_labels):
+        _draw_label(draw, label, ROW_LABEL_WIDTH + col_index * thumb + 2, 1, thumb - 4)
+    for row_index, row in enumerate(rows):
+        top = LABEL_HEIGHT + row_index * thumb
+        _draw_label(draw, row_labels[row_index], 2, top + thumb // 2 - 6, ROW_LABEL_WIDTH - 4)
+        for col_index, image in enumerate(row):
+            _paste_thumbnail(grid, image, ROW_LABEL_WIDTH + col_index * thumb, top, thumb)
+    return encode_png(grid, max_bytes)
+
+
+def metric_curve_png(
+    table: pd.DataFrame,
+    x: str = "step",
+    ys: Sequence[str] = ("fidelity", "prompt_following", "score"),
+    chosen_step: int | float | None = None,
+    title: str | None = None,
+    max_bytes: int = DEFAULT_MAX_PNG_BYTES,
+) -> bytes:
+    """Line plot of the `ys` columns against `x`, with the chosen step marked."""
+    missing = [name for name in (x, *ys) if name not in table.columns]
+    if missing:
+        raise ValueError(f"metric_curve_png: table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("metric_curve_png: the table is empty, there is nothing to plot")
+    ordered = table.sort_values(x)
+    # An object-oriented Figure with the Agg canvas: no pyplot global state, no GUI.
+    figure = Figure(figsize=(6.0, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    plotted = False
+    for name in ys:
+        values = pd.to_numeric(ordered[name], errors="coerce")
+        if values.notna().any():  # an optional metric that was not measured stays off the legend
+            axes.plot(ordered[x], values, marker="o", markersize=3, label=name)
+            plotted = True
+    if chosen_step is not None:
+        axes.axvline(chosen_step, color="black", linestyle="--", linewidth=1, label=f"chosen {x} {chosen_step}")
+    axes.set_xlabel(x)
+    if title:
+        axes.set_title(title)
+    if plotted or chosen_step is not None:
+        axes.legend(loc="best", fontsize="small")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return shrink_png(buffer.getvalue(), max_bytes)
+
+
+def markdown_image(png: bytes, alt: str, max_bytes: int = DEFAULT_MAX_PNG_BYTES) -> str:
+    """Markdown that shows `png` inline: `![alt](data:image/png;base64,...)`."""
+    if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("markdown_image expects PNG bytes (e.g. from contact_sheet_png)")
+    png = shrink_png(png, max_bytes)
+    # Brackets would end the alt text early; newlines would break the markdown line.
+    safe_alt = " ".join(alt.replace("[", "(").replace("]", ")").split())
+    return f"![{safe_alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
+def encode_png(image: Image.Image, max_bytes: int = DEFAULT_MAX_PNG_BYTES) -> bytes:
+    """PNG bytes of `image`, downscaled as much as needed to stay within `max_bytes`."""
+    while True:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+        data = buffer.getvalue()
+        if len(data) <= max_bytes or min(image.size) <= 16:
+            return data
+        # PNG size grows roughly with the pixel count; aim a little below the budget.
+        factor = max(0.25, min(0.9, (max_bytes / len(data)) ** 0.5 * 0.95))
+        new_size = (max(1, int(image.width * factor)), max(1, int(image.height * factor)))
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+
+
+def shrink_png(png: bytes, max_bytes: int = DEFAULT_MAX_PNG_BYTES) -> bytes:
+    """`png` itself when it fits the budget, else a downscaled re-encoding."""
+    if len(png) <= max_bytes:
+        return png
+    with Image.open(io.BytesIO(png)) as image:
+        return encode_png(image.convert("RGB"), max_bytes)
+
+
+def _paste_thumbnail(canvas: Image.Image, image: Image.Image, left: int, top: int, size: int) -> None:
+    """Paste `image` shrunk to fit a `size` square, centred in the cell, alpha on white."""
+    thumbnail = _on_white(image)
+    thumbnail.thumbnail((size, size), Image.Resampling.LANCZOS)
+    offset = (left + (size - thumbnail.width) // 2, top + (size - thumbnail.height) // 2)
+    canvas.paste(thumbnail, offset)
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, BACKGROUND)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return image.convert("RGB")
+
+
+@functools.cache
+def _label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, text: str, left: int, top: int, max_width: int) -> None:
+    """Draw `text`, cut with an ellipsis so that it never spills into the next cell."""
+    font = _label_font()
+    text = " ".join(str(text).split())
+    if draw.textlength(text, font=font) > max_width:
+        while text and draw.textlength(text + "…", font=font) > max_width:
+            text = text[:-1]
+        text += "…"
+    draw.text((left, top), text, fill=TEXT_COLOUR, font=font)

@@ -1,0 +1,380 @@
+"""Train one character LoRA: Lightning drives the loop, kohya-format files come out.
+
+`train_lora` is reproducible and restartable:
+
+- the run is identified by a hash of everything that decides its result (resolved config,
+  base model weights, image bytes, captions, buckets, repeats, names and metadata); a
+  finished run with the same hash in `output_dir` is returned as it is, without training;
+- every `save_every_n_steps` steps it writes `<output_name>-<step:06d>.safetensors` and a
+  small Lightning checkpoint (adapters, optimizer, scheduler, loop and sampler position);
+  a killed run with the same hash resumes from that checkpoint and produces the same
+  files the uninterrupted run would have (all randomness is seeded by position);
+- a run with a different hash replaces the previous run's files in `output_dir`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lora_factory.storage import atomic_write_json, sha256_file
+from lora_factory.training.base_model import base_weights_sha256, load_base_model, pick_device
+from lora_factory.training.config import TrainingConfig
+from lora_factory.training.dataset import CaptionedLatentDataset, TrainingExample
+from lora_factory.training.kohya_format import SAVE_DTYPES, kohya_metadata, read_kohya_lora, save_kohya_lora
+from lora_factory.training.module import LatentCache, LoraTrainingModule
+
+# Bump when a code change alters what a training run produces, so old runs are redone.
+TRAINING_RECIPE_VERSION = 1
+MANIFEST_NAME = "run.json"
+STATE_DIR_NAME = ".training_state"
+STATE_FILE_NAME = "last.ckpt"
+KOHYA_PRECISION_NAMES = {"32-true": "no", "16-mixed": "fp16", "bf16-mixed": "bf16"}
+# Settings that change how a run reports, not what it produces.
+NON_RESULT_FIELDS = ("log_every_n_steps",)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    epoch: int
+    path: Path
+    sha256: str
+
+
+def checkpoint_file_name(output_name: str, step: int) -> str:
+    return f"{output_name}-{step:06d}.safetensors"
+
+
+def save_steps(max_train_steps: int, save_every_n_steps: int) -> list[int]:
+    """The steps that get a LoRA file: every `save_every_n_steps`, and always the last one."""
+    return sorted(set(range(save_every_n_steps, max_train_steps + 1, save_every_n_steps)) | {max_train_steps})
+
+
+def train_lora(
+    base_source: str | Path,
+    examples: list[TrainingExample],
+    output_dir: Path,
+    config: TrainingConfig,
+    output_name: str,
+    trigger_word: str,
+    tag_frequency: dict,
+    dataset_dirs: dict,
+    log: Callable[[str], None] = print,
+    *,
+    base_config: str | Path | None = None,
+    latent_cache_dir: Path | None = None,
+    device: torch.device | str | None = None,
+) -> list[CheckpointInfo]:
+    """Train a LoRA on `examples` and return its checkpoints, oldest first.
+
+    `base_config` is passed to `load_base_model` for single-file base models;
+    `latent_cache_dir` keeps VAE latents across runs (keyed by base weights + image bytes);
+    `device` defaults to the first GPU, else the CPU.
+    """
+    _check_output_name(output_name)
+    if not examples:
+        raise ValueError("no training examples: nothing to train on")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = config.resolved(len(examples))
+    device = torch.device(device) if device is not None else pick_device()
+
+    base_hash = base_weights_sha256(base_source)
+    image_hashes = [sha256_file(Path(example.image_path)) for example in examples]
+    run_hash = _run_hash(
+        config, base_hash, examples, image_hashes, output_name, trigger_word, tag_frequency, dataset_dirs
+    )
+    manifest_path = output_dir / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    state_path = output_dir / STATE_DIR_NAME / STATE_FILE_NAME
+
+    if manifest and manifest["run_hash"] == run_hash and manifest["status"] == "finished":
+        checkpoints = _finished_checkpoints(output_dir, manifest)
+        if checkpoints is not None:
+            log(
+                f"{output_name}: already trained with this configuration "
+                f"({len(checkpoints)} checkpoints); nothing to do"
+            )
+            return checkpoints
+        log(f"{output_name}: finished run's files are missing or changed; training again")
+    resume_from = None
+    if manifest and manifest["run_hash"] == run_hash and state_path.is_file():
+        resume_from = state_path
+        log(f"{output_name}: resuming the interrupted run from {state_path.name}")
+    elif manifest:
+        _remove_previous_run(output_dir, manifest, log)
+    atomic_write_json(manifest_path, {"run_hash": run_hash, "status": "running", "output_name": output_name})
+
+    precision = _lightning_precision(config.mixed_precision, device)
+    base = load_base_model(
+        base_source,
+        clip_skip=config.clip_skip,
+        dtype=_weights_dtype(precision),
+        device="cpu",  # Lightning moves the trained parts to `device`
+        config=base_config,
+        weights_sha256=base_hash,
+    )
+    dataset = CaptionedLatentDataset(
+        examples,
+        seed=config.seed,
+        caption_shuffle=config.caption_shuffle,
+        keep_tokens=config.keep_tokens,
+        caption_dropout=config.caption_dropout,
+        flip=config.flip,
+    )
+    latent_cache = LatentCache(base, dataset, latent_cache_dir, image_hashes)
+    module = LoraTrainingModule(base, dataset, config, latent_cache, log=log)
+    batches_per_epoch = len(dataset.batch_sampler(config.batch_size))
+    metadata_for_step = _metadata_factory(
+        config, base, output_name, trigger_word, tag_frequency, dataset_dirs, examples, batches_per_epoch, precision
+    )
+    saver = LoraCheckpointSaver(
+        output_dir, output_name, config, batches_per_epoch, metadata_for_step, state_path, log
+    )
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=config.max_train_steps,
+        max_epochs=-1,
+        precision=precision,
+        deterministic=device.type == "cpu" or None,
+        gradient_clip_val=config.max_grad_norm,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=output_dir / STATE_DIR_NAME,
+        callbacks=[saver],
+    )
+    log(
+        f"{output_name}: training {config.max_train_steps} steps ({len(examples)} images, "
+        f"{len(dataset)} samples per epoch, batch {config.batch_size}, rank {config.rank}, "
+        f"alpha {config.alpha}) on {device.type}, precision {precision}"
+    )
+    with warnings.catch_warnings():
+        # Latents are cached in memory: loader workers would only add start-up time.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing to act on.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+        # The resume state holds only tensors and plain containers: no pickled code runs.
+        trainer.fit(module, ckpt_path=resume_from, weights_only=True)
+
+    checkpoints = [
+        _checkpoint_info(output_dir / checkpoint_file_name(output_name, step), step)
+        for step in save_steps(config.max_train_steps, config.save_every_n_steps)
+    ]
+    atomic_write_json(
+        manifest_path,
+        {
+            "run_hash": run_hash,
+            "status": "finished",
+            "output_name": output_name,
+            "config": config.to_dict(),
+            "base_model": {"name": base.name, "sha256": base.sha256, "source": base.source},
+            "checkpoints": [
+                {"step": c.step, "epoch": c.epoch, "file": c.path.name, "sha256": c.sha256} for c in checkpoints
+            ],
+        },
+    )
+    state_path.unlink(missing_ok=True)  # a finished run needs no resume point
+    if state_path.parent.is_dir() and not any(state_path.parent.iterdir()):
+        state_path.parent.rmdir()
+    return checkpoints
+
+
+class LoraCheckpointSaver(L.Callback):
+    """Writes the kohya LoRA file (then the resume state) at each save step, and logs progress."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        output_name: str,
+        config: TrainingConfig,
+        batches_per_epoch: int,
+        metadata_for_step: Callable[[int, int], dict[str, str]],
+        state_path: Path,
+        log: Callable[[str], None],
+    ):
+        self.output_dir = output_dir
+        self.output_name = output_name
+        self.config = config
+        self.batches_per_epoch = batches_per_epoch
+        self.metadata_for_step = metadata_for_step
+        self.state_path = state_path
+        self.report = log  # not `self.log`: Lightning overwrites a callback's `log` attribute
+        self.steps_to_save = set(save_steps(config.max_train_steps, config.save_every_n_steps))
+        self._losses: list[float] = []
+        self._window_start = time.perf_counter()
+        self._window_first_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._window_start = time.perf_counter()
+        self._window_first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
+        step = trainer.global_step
+        self._losses.append(float(outputs["loss"]))
+        if step in self.steps_to_save:
+            self._save(trainer, module, step)
+        if step % self.config.log_every_n_steps == 0 or step == self.config.max_train_steps:
+            self._log_progress(trainer, step)
+
+    def epoch_of(self, step: int) -> int:
+        """The 1-based epoch a step belongs to (kohya's `ss_epoch`)."""
+        return max(1, math.ceil(step / self.batches_per_epoch))
+
+    def _save(self, trainer: L.Trainer, module: LoraTrainingModule, step: int) -> None:
+        tensors = module.kohya_tensors(SAVE_DTYPES[self.config.save_precision])
+        path = self.output_dir / checkpoint_file_name(self.output_name, step)
+        save_kohya_lora(path, tensors, self.metadata_for_step(step, self.epoch_of(step)))
+        if step < self.config.max_train_steps:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.state_path.with_name(self.state_path.name + ".partial")
+            trainer.save_checkpoint(partial, weights_only=False)  # with optimizer and scheduler state
+            os.replace(partial, self.state_path)
+        self.report(f"{self.output_name}: saved {path.name}")
+
+    def _log_progress(self, trainer: L.Trainer, step: int) -> None:
+        now = time.perf_counter()
+        steps_done = max(1, step - self._window_first_step)
+        seconds_per_step = (now - self._window_start) / steps_done
+        learning_rate = trainer.optimizers[0].param_groups[0]["lr"]
+        self.report(
+            f"{self.output_name}: step {step}/{self.config.max_train_steps} epoch {self.epoch_of(step)} "
+            f"loss {self._losses[-1]:.4f} (mean {sum(self._losses) / len(self._losses):.4f}) "
+            f"lr {learning_rate:.2e} {seconds_per_step:.3f} s/step"
+        )
+        self._losses.clear()
+        self._window_start, self._window_first_step = now, step
+
+
+def _metadata_factory(
+    config, base, output_name, trigger_word, tag_frequency, dataset_dirs, examples, batches_per_epoch, precision
+):
+    buckets: dict[str, int] = {}
+    for example in examples:
+        key = f"{example.bucket[0]}x{example.bucket[1]}"
+        buckets[key] = buckets.get(key, 0) + example.repeats
+    shared = dict(
+        output_name=output_name,
+        trigger_word=trigger_word,
+        network_dim=config.rank,
+        network_alpha=config.alpha,
+        tag_frequency=tag_frequency,
+        dataset_dirs=dataset_dirs,
+        base_model_name=base.name,
+        base_model_hash=base.sha256,
+        seed=config.seed,
+        resolution=config.resolution,
+        optimizer=config.optimizer,
+        learning_rate=config.unet_learning_rate,
+        text_encoder_learning_rate=config.text_encoder_learning_rate,
+        train_text_encoder=config.train_text_encoder,
+        clip_skip=config.clip_skip,
+        max_train_steps=config.max_train_steps,
+        num_train_images=sum(example.repeats for example in examples),
+        num_batches_per_epoch=batches_per_epoch,
+        batch_size=config.batch_size,
+        lr_scheduler=config.lr_scheduler,
+        lr_warmup_steps=config.lr_warmup_steps,
+        min_snr_gamma=config.min_snr_gamma,
+        noise_offset=config.noise_offset,
+        caption_shuffle=config.caption_shuffle,
+        keep_tokens=config.keep_tokens,
+        caption_dropout=config.caption_dropout,
+        flip=config.flip,
+        mixed_precision=KOHYA_PRECISION_NAMES[precision],
+        bucket_info={"buckets": buckets},
+    )
+
+    def metadata_for_step(step: int, epoch: int) -> dict[str, str]:
+        return kohya_metadata(steps=step, epoch=epoch, **shared)
+
+    return metadata_for_step
+
+
+def _run_hash(
+    config, base_hash, examples, image_hashes, output_name, trigger_word, tag_frequency, dataset_dirs
+) -> str:
+    config_fields = {key: value for key, value in config.to_dict().items() if key not in NON_RESULT_FIELDS}
+    identity = {
+        "recipe": TRAINING_RECIPE_VERSION,
+        "config": config_fields,
+        "base_model_sha256": base_hash,
+        "examples": [
+            [image_hash, example.caption, list(example.bucket), example.repeats]
+            for example, image_hash in zip(examples, image_hashes)
+        ],
+        "output_name": output_name,
+        "trigger_word": trigger_word,
+        "tag_frequency": tag_frequency,
+        "dataset_dirs": dataset_dirs,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished_checkpoints(output_dir: Path, manifest: dict) -> list[CheckpointInfo] | None:
+    """The finished run's checkpoints, or None when a file is missing or was changed."""
+    checkpoints = []
+    for entry in manifest["checkpoints"]:
+        path = output_dir / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            return None
+        checkpoints.append(CheckpointInfo(entry["step"], entry["epoch"], path, entry["sha256"]))
+    return checkpoints
+
+
+def _remove_previous_run(output_dir: Path, manifest: dict, log: Callable[[str], None]) -> None:
+    """Delete the files a different earlier run left here, so they cannot be mistaken for this run's."""
+    name = manifest.get("output_name")
+    stale = sorted(output_dir.glob(f"{glob.escape(name)}-*.safetensors")) if name else []
+    stale.append(output_dir / STATE_DIR_NAME / STATE_FILE_NAME)
+    removed = 0
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    if removed:
+        log(f"removed {removed} files of a previous run with another configuration in {output_dir}")
+
+
+def _checkpoint_info(path: Path, step: int) -> CheckpointInfo:
+    if not path.is_file():
+        raise RuntimeError(f"training ended without writing {path.name}: the run stopped early")
+    _, metadata = read_kohya_lora(path)
+    return CheckpointInfo(step=step, epoch=int(metadata["ss_epoch"]), path=path, sha256=sha256_file(path))
+
+
+def _lightning_precision(mixed_precision: str, device: torch.device) -> str:
+    if mixed_precision == "auto":
+        if device.type != "cuda":
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if mixed_precision != "no" and device.type != "cuda":
+        raise ValueError(f"mixed_precision={mixed_precision!r} needs a GPU; use 'no' or 'auto' on CPU")
+    return {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}[mixed_precision]
+
+
+def _weights_dtype(precision: str) -> torch.dtype:
+    """Frozen base weights in the autocast dtype: half the memory, same compute."""
+    return {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]
+
+
+def _check_output_name(output_name: str) -> None:
+    if not output_name or any(char in output_name for char in '/\\:*?"<>|') or output_name.startswith("."):
+        raise ValueError(f"output_name {output_name!r} must be a plain file name stem (e.g. 'surtr_arknights')")
+

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from PIL import Image
 
 from lora_factory.provenance import Stamp, StampBook, fingerprint
 from lora_factory.resources import FactoryStorage
@@ -62,6 +65,10 @@ class Stage:
             return False
         self.reused = self.stamp = None
         return True
+
+    def images(self, hashes: Iterable[str]) -> list[Image.Image]:
+        """Stored images (crops, by sha256) as RGB."""
+        return [Image.open(io.BytesIO(self.store.blobs.get(sha))).convert("RGB") for sha in hashes]
 
     def upstream(self, name: str) -> Stamp:
         return self.stamps.require(name, self.key)

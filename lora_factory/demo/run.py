@@ -39,6 +39,13 @@ def prepare_home(home: Path) -> Path:
     return dagster_home
 
 
+def _state(materialization) -> str:
+    metadata = materialization.metadata
+    if "new_posts" in metadata:  # raw_scrape always asks the sites for new posts
+        return f"sites checked, {metadata['new_posts'].value} new posts downloaded"
+    return "reused (inputs unchanged)" if metadata["reused"].value else "built"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", default=os.environ.get("LF_HOME", ".lora_factory"))
@@ -85,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             for event in result.get_asset_materialization_events():
                 materialization = event.event_specific_data.materialization
-                reused = materialization.metadata.get("reused")
-                state = "reused (inputs unchanged)" if reused and reused.value else "built"
-                summary.append((key, materialization.asset_key.to_user_string(), state))
+                summary.append((key, materialization.asset_key.to_user_string(), _state(materialization)))
 
     elapsed = time.monotonic() - started
     print(f"\nDone in {elapsed:.0f} s.\n")

@@ -1,0 +1,215 @@
+"""recscore_table and chosen_model: score every checkpoint, publish the best one."""
+
+import io
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.stage import Stage
+from lora_factory.assets.training import lora_checkpoints
+from lora_factory.evaluation.previews import PreviewRenderer
+from lora_factory.evaluation.prompts import preview_prompts
+from lora_factory.evaluation.recscore import score_checkpoints
+from lora_factory.evaluation.release import METRICS_FILE, MODEL_CARD, write_release
+from lora_factory.evaluation.selection import DEFAULT_BETA, choose_step, selection_rule_text
+from lora_factory.partitions import characters_partitions
+from lora_factory.provenance import frame_hash
+from lora_factory.reporting import image_grid_png, markdown_image, metric_curve_png
+from lora_factory.resources import (
+    BaseModelResource,
+    CharacterIndex,
+    FactoryStorage,
+    VisionModelsResource,
+)
+from lora_factory.resources.models import TINY_BASE_MODEL
+from lora_factory.storage import atomic_write_bytes, read_table, write_table
+
+GENDER_TAGS = {"female": "1girl", "male": "1boy", "other": "solo"}
+DEFAULT_SAMPLING_STEPS = 20
+TINY_MODEL_SAMPLING_STEPS = 8
+
+
+class EvaluationSettings(dg.Config):
+    """Preview rendering and step selection (CyberHarem's F-beta rule, beta 3)."""
+
+    sampling_steps: int = 0  # 0: 20, or 8 on the tiny demo model
+    guidance: float = 7.0
+    lora_scale: float = 1.0
+    base_seed: int = 42
+    beta: float = DEFAULT_BETA
+
+
+def _prompts(stage: Stage, gender: str, base_seed: int):
+    """(trigger word, core tags, preview prompts) from the captions stage's summary."""
+    summary = json.loads((stage.store.artefact_dir("captions", stage.key) / "summary.json").read_text())
+    clusters = read_table(stage.store.table_path("captions", stage.key, "clusters"))
+    trigger = summary["trigger_word"]
+    return trigger, summary["core_tags"], preview_prompts(
+        trigger,
+        summary["core_tags"],
+        [list(tags) for tags in clusters.sort_values("cluster")["tags"]],
+        gender_tag=GENDER_TAGS[gender],
+        base_seed=base_seed,
+    )
+
+
+@dg.asset(
+    partitions_def=characters_partitions,
+    group_name="evaluation",
+    code_version="1",
+    deps=[lora_checkpoints],
+    description=(
+        "RecScore per checkpoint: previews from a fixed prompt set (one prompt per outfit "
+        "cluster plus framing, pose and expression prompts; fixed seeds), fidelity = share "
+        "of (preview, dataset) pairs the identity model calls the same character normalised "
+        "by the dataset's own agreement, prompt following = tagger confidence on the "
+        "prompts' tags, and their F-beta score."
+    ),
+)
+def recscore_table(
+    context: dg.AssetExecutionContext,
+    config: EvaluationSettings,
+    storage: FactoryStorage,
+    character_index: CharacterIndex,
+    vision_models: VisionModelsResource,
+    base_model: BaseModelResource,
+) -> dg.MaterializeResult:
+    row = character_index.row(context.partition_key)
+    stage = Stage(
+        context,
+        storage,
+        config,
+        upstream=("lora_checkpoints", "captions", "cleaned_crops"),
+        extra={"models": vision_models.names(), "base": base_model.source, "row": row.content_hash()},
+    )
+    table_path = stage.store.table_path("recscore_table", stage.key)
+    out_dir = stage.store.artefact_dir("recscore_table", stage.key)
+    grid_path, curve_path = out_dir / "previews_grid.png", out_dir / "recscore_curve.png"
+    if stage.needs_build(table_path, grid_path, curve_path):
+        checkpoints = read_table(stage.store.table_path("lora_checkpoints", stage.key))
+        crops = read_table(stage.store.table_path("cleaned_crops", stage.key))
+        _, _, prompts = _prompts(stage, row.gender, config.base_seed)
+        models = vision_models.load(stage.store)
+        renderer = PreviewRenderer(
+            base_model.resolve(stage.store),
+            steps=config.sampling_steps
+            or (TINY_MODEL_SAMPLING_STEPS if base_model.source == TINY_BASE_MODEL else DEFAULT_SAMPLING_STEPS),
+            guidance=config.guidance,
+            lora_scale=config.lora_scale,
+            clip_skip=base_model.clip_skip,
+        )
+        table, previews = score_checkpoints(
+            list(zip(checkpoints["step"], checkpoints["path"], strict=True)),
+            renderer,
+            prompts,
+            stage.images(crops["crop_sha256"]),
+            models.identity,
+            models.tagger,
+            context.log,
+            beta=config.beta,
+        )
+        for step, images in previews.items():
+            for prompt, image in zip(prompts, images, strict=True):
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                atomic_write_bytes(out_dir / f"step_{step:06d}" / f"{prompt.name}.png", buffer.getvalue())
+        steps = sorted(previews)
+        atomic_write_bytes(
+            grid_path,
+            image_grid_png(
+                [previews[s] for s in steps], [f"step {s}" for s in steps], [p.name for p in prompts]
+            ),
+        )
+        atomic_write_bytes(curve_path, metric_curve_png(table))
+        write_table(table, table_path)
+        stage.finish(frame_hash(table, ["step", "fidelity", "prompt_following", "score"]), {})
+    table = read_table(table_path)
+    return stage.result(
+        {
+            "dagster/row_count": len(table),
+            "recscore": table_metadata(table),
+            "best_score": float(table["score"].max()),
+            "preview_grid": dg.MetadataValue.md(markdown_image(grid_path.read_bytes(), "previews")),
+            "recscore_curve": dg.MetadataValue.md(markdown_image(curve_path.read_bytes(), "curve")),
+            "previews_dir": dg.MetadataValue.path(str(out_dir)),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=characters_partitions,
+    group_name="evaluation",
+    code_version="1",
+    deps=[recscore_table],
+    description=(
+        "The checkpoint with the best F-beta (beta 3) of fidelity and prompt following, "
+        "published as a release folder: the LoRA, a model card (trigger word, core tags, "
+        "steps table, selection rule), previews, the metrics plot and meta.json."
+    ),
+)
+def chosen_model(
+    context: dg.AssetExecutionContext,
+    config: EvaluationSettings,
+    storage: FactoryStorage,
+    character_index: CharacterIndex,
+    base_model: BaseModelResource,
+) -> dg.MaterializeResult:
+    row = character_index.row(context.partition_key)
+    stage = Stage(
+        context,
+        storage,
+        config,
+        upstream=("recscore_table", "lora_checkpoints", "captions"),
+        extra={"row": row.content_hash(), "base": base_model.source},
+    )
+    release_dir = stage.store.root / "releases" / stage.key
+    if stage.needs_build(release_dir / MODEL_CARD):
+        table = read_table(stage.store.table_path("recscore_table", stage.key))
+        step = choose_step(table, beta=config.beta)
+        trigger, core_tags, prompts = _prompts(stage, row.gender, config.base_seed)
+        recscore_dir = stage.store.artefact_dir("recscore_table", stage.key)
+        lora_path = Path(table.loc[table["step"] == step, "path"].iloc[0])
+        write_release(
+            release_dir,
+            lora_path,
+            step,
+            table,
+            (recscore_dir / "previews_grid.png").read_bytes(),
+            metric_curve_png(table, chosen_step=step),
+            trigger,
+            core_tags,
+            row,
+            base_model.source,
+            {
+                "upstream_data_versions": stage.upstream_hashes,
+                "code_versions": {
+                    key.to_user_string(): version
+                    for key, version in context.assets_def.code_versions_by_key.items()
+                },
+                "preview_base_seed": config.base_seed,
+            },
+            beta=config.beta,
+            prompts=prompts,
+            synthetic_demo=base_model.source == TINY_BASE_MODEL,
+        )
+        stage.finish(f"{step}:{stage.upstream_hashes['recscore_table']}", {"step": step})
+    step = stage.stamp.summary["step"]
+    table = read_table(stage.store.table_path("recscore_table", stage.key))
+    chosen = table[table["step"] == step].iloc[0]
+    context.log.info(f"{stage.key}: chose step {step}; release at {release_dir}")
+    return stage.result(
+        {
+            "chosen_step": int(step),
+            "fidelity": float(chosen["fidelity"]),
+            "prompt_following": float(chosen["prompt_following"]),
+            "score": float(chosen["score"]),
+            "selection_rule": selection_rule_text(config.beta),
+            "release_dir": dg.MetadataValue.path(str(release_dir)),
+            "metrics_plot": dg.MetadataValue.md(
+                markdown_image((release_dir / METRICS_FILE).read_bytes(), "metrics")
+            ),
+            "model_card": dg.MetadataValue.md((release_dir / MODEL_CARD).read_text()),
+        }
+    )

@@ -1,0 +1,157 @@
+"""lora_checkpoints: train the character's LoRA on the bucketed dataset."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from lora_factory.assets.dataset import buckets
+from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.stage import Stage
+from lora_factory.captioning.captions import tag_frequency
+from lora_factory.partitions import characters_partitions
+from lora_factory.provenance import fingerprint
+from lora_factory.resources import BaseModelResource, FactoryStorage
+from lora_factory.resources.models import TINY_BASE_MODEL
+from lora_factory.storage import read_table, write_table
+from lora_factory.training.config import TrainingConfig
+from lora_factory.training.dataset import TrainingExample
+from lora_factory.training.train import train_lora
+
+# The tiny demo base model has random weights: its LoRAs are meaningless, so the demo
+# trains only long enough to make a few real checkpoints.
+TINY_MODEL_STEPS = 96
+TINY_MODEL_SAVE_EVERY = 24
+
+
+class TrainingSettings(dg.Config):
+    """Training knobs; 0 means "from the dataset size" (DESIGN §4 rules)."""
+
+    rank: int = 0
+    alpha: float = 0.0
+    max_train_steps: int = 0
+    save_every_n_steps: int = 0
+    batch_size: int = 4
+    unet_learning_rate: float = 1e-4
+    text_encoder_learning_rate: float = 5e-5
+    train_text_encoder: bool = True
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    min_snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    caption_shuffle: bool = True
+    caption_dropout: float = 0.0
+    flip: bool = False
+    mixed_precision: str = "auto"
+    seed: int = 0
+
+    def training_config(self, resolution: int, clip_skip: int, tiny_base: bool) -> TrainingConfig:
+        steps = self.max_train_steps or (TINY_MODEL_STEPS if tiny_base else None)
+        save_every = self.save_every_n_steps or (TINY_MODEL_SAVE_EVERY if tiny_base else None)
+        return TrainingConfig(
+            rank=self.rank or None,
+            alpha=self.alpha or None,
+            max_train_steps=steps,
+            save_every_n_steps=save_every,
+            batch_size=self.batch_size,
+            unet_learning_rate=self.unet_learning_rate,
+            text_encoder_learning_rate=self.text_encoder_learning_rate,
+            train_text_encoder=self.train_text_encoder,
+            lr_scheduler=self.lr_scheduler,
+            lr_warmup_steps=self.lr_warmup_steps,
+            min_snr_gamma=self.min_snr_gamma or None,
+            noise_offset=self.noise_offset,
+            caption_shuffle=self.caption_shuffle,
+            caption_dropout=self.caption_dropout,
+            flip=self.flip,
+            mixed_precision=self.mixed_precision,
+            resolution=resolution,
+            clip_skip=clip_skip,
+            seed=self.seed,
+        )
+
+
+@dg.asset(
+    partitions_def=characters_partitions,
+    group_name="training",
+    code_version="1",
+    deps=[buckets],
+    pool="gpu",
+    description=(
+        "A LoRA (peft, trained with Lightning on the base model) saved every N steps in "
+        "kohya format with ss_* metadata, loadable by AUTOMATIC1111, ComfyUI, kohya and "
+        "diffusers. Runs in the `gpu` concurrency pool; a killed run resumes."
+    ),
+)
+def lora_checkpoints(
+    context: dg.AssetExecutionContext,
+    config: TrainingSettings,
+    storage: FactoryStorage,
+    base_model: BaseModelResource,
+) -> dg.MaterializeResult:
+    stage = Stage(
+        context,
+        storage,
+        config,
+        upstream=("buckets", "captions"),
+        extra={"base": base_model.source, "clip_skip": base_model.clip_skip},
+    )
+    table_path = stage.store.table_path("lora_checkpoints", stage.key)
+    output_dir = stage.store.artefact_dir("lora_checkpoints", stage.key)
+    if stage.needs_build(table_path):
+        dataset = read_table(stage.store.table_path("buckets", stage.key))
+        dataset_dir = stage.store.artefact_dir("buckets", stage.key) / "train"
+        summary = json.loads(
+            (stage.store.artefact_dir("captions", stage.key) / "summary.json").read_text()
+        )
+        examples = [
+            TrainingExample(
+                image_path=dataset_dir / record.image_path,
+                caption=record.caption,
+                bucket=(int(record.bucket_width), int(record.bucket_height)),
+                repeats=int(record.repeats),
+            )
+            for record in dataset.itertuples(index=False)
+        ]
+        # kohya's folders: one per repeat count, `<repeats>_<name>`.
+        folders = {f"{r}_{stage.key}": rows for r, rows in dataset.groupby("repeats")}
+        resolution = int(stage.upstream("buckets").summary["resolution"])
+        training_config = config.training_config(
+            resolution, base_model.clip_skip, tiny_base=base_model.source == TINY_BASE_MODEL
+        )
+        checkpoints = train_lora(
+            base_model.resolve(stage.store),
+            examples,
+            output_dir,
+            training_config,
+            output_name=stage.key,
+            trigger_word=summary["trigger_word"],
+            tag_frequency={
+                folder: tag_frequency(rows["caption"]) for folder, rows in folders.items()
+            },
+            dataset_dirs={
+                folder: {"n_repeats": int(rows["repeats"].iloc[0]), "img_count": len(rows)}
+                for folder, rows in folders.items()
+            },
+            log=context.log.info,
+            latent_cache_dir=stage.store.root / "cache" / "latents",
+        )
+        table = pd.DataFrame(
+            [
+                {"step": c.step, "epoch": c.epoch, "path": str(c.path), "sha256": c.sha256}
+                for c in checkpoints
+            ]
+        )
+        write_table(table, table_path)
+        stage.finish(fingerprint(list(table["sha256"])), {"checkpoints": len(table)})
+    table = read_table(table_path)
+    final = Path(table["path"].iloc[-1])
+    return stage.result(
+        {
+            "dagster/row_count": len(table),
+            "checkpoints": table_metadata(table[["step", "epoch", "sha256", "path"]]),
+            "final_checkpoint": dg.MetadataValue.path(str(final)),
+            "output_dir": dg.MetadataValue.path(str(output_dir)),
+        }
+    )

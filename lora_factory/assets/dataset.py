@@ -1,4 +1,9 @@
-"""cleaned_crops, captions and buckets: from surviving posts to the training folder."""
+"""cleaned_crops, captions and buckets: from surviving posts to the training folder.
+
+Modules that load torch, ONNX Runtime or LanceDB are imported inside the assets: Dagster
+imports this code location in every process (webserver, daemon, sensors), which need
+none of them.
+"""
 
 import io
 import json
@@ -14,7 +19,6 @@ from lora_factory.bucketing.export import ExportRow, write_kohya_folder
 from lora_factory.bucketing.repeats import assign_repeats
 from lora_factory.captioning.captions import CaptionConfig, caption_dataset
 from lora_factory.captioning.tags import escape_for_prompt
-from lora_factory.cleaning.embeddings import EmbeddingStore
 from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
 from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
@@ -26,7 +30,6 @@ from lora_factory.resources import (
     VisionModelsResource,
 )
 from lora_factory.storage import atomic_write_json, read_table, write_table
-from lora_factory.training.base_model import native_resolution
 
 
 class CleaningSettings(dg.Config):
@@ -112,6 +115,8 @@ def cleaned_crops(
     drops_path = stage.store.table_path("cleaned_crops", stage.key, "drops")
     quarantine_path = stage.store.table_path("cleaned_crops", stage.key, "quarantine")
     if stage.needs_build(crops_path, drops_path, quarantine_path):
+        from lora_factory.cleaning.embeddings import EmbeddingStore
+
         posts = read_table(stage.store.table_path("matched_tags", stage.key, "posts"))
         result = clean_character(
             stage.key,
@@ -253,6 +258,8 @@ def buckets(
     groups_path = stage.store.table_path("buckets", stage.key, "groups")
     dataset_dir = stage.store.artefact_dir("buckets", stage.key) / "train"
     if stage.needs_build(table_path, groups_path, dataset_dir):
+        from lora_factory.training.base_model import native_resolution
+
         resolution = config.resolution or native_resolution(base_model.resolve(stage.store))
         step = config.step
         bucket_sizes = make_bucket_resolutions(

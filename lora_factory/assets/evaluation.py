@@ -1,4 +1,7 @@
-"""recscore_table and chosen_model: score every checkpoint, publish the best one."""
+"""recscore_table and chosen_model: score every checkpoint, publish the best one.
+
+torch and diffusers are imported inside the asset (see assets/dataset.py for why).
+"""
 
 import io
 import json
@@ -9,7 +12,6 @@ import dagster as dg
 from lora_factory.assets.metadata import table_metadata
 from lora_factory.assets.stage import Stage
 from lora_factory.assets.training import lora_checkpoints
-from lora_factory.evaluation.previews import PreviewRenderer
 from lora_factory.evaluation.prompts import preview_prompts
 from lora_factory.evaluation.recscore import score_checkpoints
 from lora_factory.evaluation.release import METRICS_FILE, MODEL_CARD, write_release
@@ -88,6 +90,8 @@ def recscore_table(
     out_dir = stage.store.artefact_dir("recscore_table", stage.key)
     grid_path, curve_path = out_dir / "previews_grid.png", out_dir / "recscore_curve.png"
     if stage.needs_build(table_path, grid_path, curve_path):
+        from lora_factory.evaluation.previews import PreviewRenderer
+
         checkpoints = read_table(stage.store.table_path("lora_checkpoints", stage.key))
         crops = read_table(stage.store.table_path("cleaned_crops", stage.key))
         _, _, prompts = _prompts(stage, row.gender, config.base_seed)

@@ -1,4 +1,7 @@
-"""lora_checkpoints: train the character's LoRA on the bucketed dataset."""
+"""lora_checkpoints: train the character's LoRA on the bucketed dataset.
+
+torch and Lightning are imported inside the asset (see assets/dataset.py for why).
+"""
 
 import json
 from pathlib import Path
@@ -16,8 +19,6 @@ from lora_factory.resources import BaseModelResource, FactoryStorage
 from lora_factory.resources.models import TINY_BASE_MODEL
 from lora_factory.storage import read_table, write_table
 from lora_factory.training.config import TrainingConfig
-from lora_factory.training.dataset import TrainingExample
-from lora_factory.training.train import train_lora
 
 # The tiny demo base model has random weights: its LoRAs are meaningless, so the demo
 # trains only long enough to make a few real checkpoints.
@@ -100,6 +101,9 @@ def lora_checkpoints(
     table_path = stage.store.table_path("lora_checkpoints", stage.key)
     output_dir = stage.store.artefact_dir("lora_checkpoints", stage.key)
     if stage.needs_build(table_path):
+        from lora_factory.training.dataset import TrainingExample
+        from lora_factory.training.train import train_lora
+
         dataset = read_table(stage.store.table_path("buckets", stage.key))
         dataset_dir = stage.store.artefact_dir("buckets", stage.key) / "train"
         summary = json.loads(

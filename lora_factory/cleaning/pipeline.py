@@ -36,7 +36,6 @@ from lora_factory.cleaning.dedup import (
     near_duplicate_representatives,
     perceptual_hash,
 )
-from lora_factory.cleaning.embeddings import EmbeddingStore
 from lora_factory.cleaning.identity_filter import (
     DEFAULT_MIN_AGREEMENT,
     agreement_with_anchor,
@@ -44,7 +43,8 @@ from lora_factory.cleaning.identity_filter import (
 )
 from lora_factory.storage import BlobStore
 
-if TYPE_CHECKING:  # the vision stack loads ONNX Runtime: only the type is needed here
+if TYPE_CHECKING:  # ONNX Runtime and LanceDB are slow to import: only the types are needed
+    from lora_factory.cleaning.embeddings import EmbeddingStore
     from lora_factory.vision.models import VisionModels
 
 # The aesthetic classifier's labels from worst to best; the score is the expected rank

@@ -1,0 +1,169 @@
+"""The whole factory as Dagster runs it: one demo character, end to end, on a temp instance."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from safetensors import safe_open
+
+from lora_factory.assets.dataset import buckets, captions, cleaned_crops
+from lora_factory.assets.evaluation import chosen_model, recscore_table
+from lora_factory.assets.index import character_index
+from lora_factory.assets.scraping import matched_tags, raw_scrape
+from lora_factory.assets.training import lora_checkpoints
+from lora_factory.resources import (
+    BaseModelResource,
+    CharacterIndex,
+    FactoryStorage,
+    ImageSites,
+    SiteConfig,
+    VisionModelsResource,
+)
+from lora_factory.storage import read_table
+
+CHARACTER = "ash_ember_knights"
+ASSETS = [
+    character_index,
+    raw_scrape,
+    matched_tags,
+    cleaned_crops,
+    captions,
+    buckets,
+    lora_checkpoints,
+    recscore_table,
+    chosen_model,
+]
+CHAIN = [asset.key.to_user_string() for asset in ASSETS[1:]]
+
+
+def run_chain(instance, home: Path, partition: str = CHARACTER, **resource_overrides):
+    resources = {
+        "storage": FactoryStorage(home=str(home)),
+        "character_index": CharacterIndex(),
+        "image_sites": ImageSites(),
+        "vision_models": VisionModelsResource(),
+        "base_model": BaseModelResource(),
+        **resource_overrides,
+    }
+    return dg.materialize(
+        ASSETS,
+        partition_key=partition,
+        instance=instance,
+        resources=resources,
+        selection=CHAIN,
+        raise_on_error=False,
+    )
+
+
+def metadata_by_asset(result) -> dict[str, dict]:
+    return {
+        event.asset_key.to_user_string(): {
+            key: value.value
+            for key, value in event.event_specific_data.materialization.metadata.items()
+        }
+        for event in result.get_asset_materialization_events()
+    }
+
+
+def failure_message(result) -> str:
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures, "expected a failed step"
+    error = failures[0].step_failure_data.error
+    return "\n".join(filter(None, [error.message, *(c.message for c in [error.cause] if c)]))
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    home = tmp_path_factory.mktemp("factory")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("characters", [CHARACTER, "not_in_the_index"])
+        first = run_chain(instance, home)
+        second = run_chain(instance, home)
+        yield instance, home, first, second
+
+
+def test_full_chain_builds_a_release(factory):
+    _, home, first, _ = factory
+    assert first.success, failure_message(first)
+    metadata = metadata_by_asset(first)
+    assert set(metadata) == set(CHAIN)
+
+    crops = metadata["cleaned_crops"]
+    assert crops["dagster/row_count"] >= 10
+    drops = {row.data["reason"]: row.data["count"] for row in crops["drops_by_reason"].records}
+    # The demo booru's faults are caught by the stage meant for them.
+    assert drops.get("identity_outlier", 0) >= 1  # wrong-character posts, other people
+    assert drops.get("monochrome", 0) >= 1
+    assert drops.get("near_duplicate", 0) >= 1
+    assert "data:image/png;base64," in crops["contact_sheet"]
+
+    matched = read_table(home / "tables" / "matched_tags" / f"{CHARACTER}.parquet")
+    outcomes = dict(zip(matched["tag"], matched["outcome"]))
+    assert outcomes["ash_(ember_knights)"] == "trusted"
+    assert outcomes["ash_(pocket_tamers)"] == "rejected"  # the namesake
+
+    captions = read_table(home / "tables" / "captions" / f"{CHARACTER}.parquet")
+    assert all(caption.startswith("ash ek, ") for caption in captions["caption"])
+    core = metadata["captions"]["core_tags"]
+    assert "red_hair" in core and "yellow_eyes" in core
+    assert not any("red hair" in caption for caption in captions["caption"])
+
+    checkpoints = read_table(home / "tables" / "lora_checkpoints" / f"{CHARACTER}.parquet")
+    assert len(checkpoints) >= 2
+    with safe_open(checkpoints["path"].iloc[-1], framework="pt") as lora:
+        keys = list(lora.keys())
+        assert lora.metadata()["ss_network_module"] == "networks.lora"
+    assert any(k.startswith("lora_unet_") for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+
+    chosen = metadata["chosen_model"]
+    assert chosen["chosen_step"] in set(checkpoints["step"])
+    release = home / "releases" / CHARACTER
+    for name in ("README.md", f"{CHARACTER}.safetensors", "previews.png", "metrics.png", "meta.json"):
+        assert (release / name).is_file(), name
+    meta = json.loads((release / "meta.json").read_text())
+    assert meta["step"] == chosen["chosen_step"] and meta["synthetic_demo"] is True
+    assert "data:image/png;base64," in metadata["recscore_table"]["preview_grid"]
+
+
+def test_second_run_reuses_everything(factory):
+    _, _, _, second = factory
+    assert second.success, failure_message(second)
+    metadata = metadata_by_asset(second)
+    assert metadata["raw_scrape"]["new_posts"] == 0
+    assert all(metadata[name]["reused"] for name in CHAIN[1:])
+
+
+def test_missing_model_fails_with_the_fetch_command(factory, tmp_path):
+    instance, home, _, _ = factory
+    result = run_chain(
+        instance, home, vision_models=VisionModelsResource(person="person_detect_v1.1_m")
+    )
+    assert not result.success
+    message = failure_message(result)
+    assert "anime_person_detection" in message and "download" in message
+
+
+def test_site_down_fails_naming_the_site(factory, tmp_path):
+    instance, _, _, _ = factory
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sites = ImageSites(
+        sites=[SiteConfig(name="danbooru", base_url=f"http://127.0.0.1:{port}")], max_retries=1
+    )
+    result = run_chain(instance, tmp_path / "home", image_sites=sites)
+    assert not result.success
+    message = failure_message(result)
+    assert "danbooru" in message and f"127.0.0.1:{port}" in message
+
+
+def test_character_missing_from_the_index_fails_with_the_fix(factory, tmp_path):
+    instance, _, _, _ = factory
+    result = run_chain(instance, tmp_path / "home", partition="not_in_the_index")
+    assert not result.success
+    assert "not in the index" in failure_message(result)

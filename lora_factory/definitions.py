@@ -9,7 +9,8 @@ import os
 
 import dagster as dg
 
-from lora_factory.assets.dataset import buckets, captions, cleaned_crops
+from lora_factory.assets.cleaning import cleaned_crops
+from lora_factory.assets.dataset import buckets, captions
 from lora_factory.assets.evaluation import chosen_model, recscore_table
 from lora_factory.assets.index import character_index
 from lora_factory.assets.scraping import matched_tags, raw_scrape

@@ -15,7 +15,11 @@ from lora_factory.assets.training import lora_checkpoints
 from lora_factory.evaluation.prompts import preview_prompts
 from lora_factory.evaluation.recscore import score_checkpoints
 from lora_factory.evaluation.release import METRICS_FILE, MODEL_CARD, write_release
-from lora_factory.evaluation.selection import DEFAULT_BETA, choose_step, selection_rule_text
+from lora_factory.evaluation.selection import (
+    DEFAULT_BETA,
+    choose_step,
+    selection_rule_text,
+)
 from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
 from lora_factory.reporting import image_grid_png, markdown_image, metric_curve_png

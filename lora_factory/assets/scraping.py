@@ -10,7 +10,11 @@ from lora_factory.matching.tag_matching import match_character, surviving_posts
 from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
 from lora_factory.resources import CharacterIndex, FactoryStorage, ImageSites
-from lora_factory.sources.scrape import candidate_tags, candidates_frame, scrape_character
+from lora_factory.sources.scrape import (
+    candidate_tags,
+    candidates_frame,
+    scrape_character,
+)
 from lora_factory.storage import read_table, write_table
 
 # Columns that identify what was scraped (not where from: the demo booru's port changes).

@@ -8,13 +8,32 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import json
+import random
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (8, 8), fmt: str = "PNG", frames: int = 1) -> bytes:
+    """A small real image, different for every seed (noise, so PNG size grows with `size`)."""
+    rng = random.Random(seed)
+    pictures = [
+        Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
+        for _ in range(frames)
+    ]
+    buffer = io.BytesIO()
+    if frames > 1:
+        pictures[0].save(buffer, format=fmt, save_all=True, append_images=pictures[1:], duration=50, loop=0)
+    else:
+        pictures[0].save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 @dataclass
@@ -37,6 +56,8 @@ class SeenRequest:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
+    method: str = "GET"
+    body: bytes = b""
 
 
 Route = Callable[[SeenRequest], Reply]
@@ -52,13 +73,19 @@ class LoopbackSite:
         site = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                self.do_GET()
+
+            def do_GET(self) -> None:  # noqa: N802
                 parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
                 seen = SeenRequest(
                     at=time.monotonic(),
                     path=parts.path,
                     query={k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()},
                     headers={k.lower(): v for k, v in self.headers.items()},
+                    method=self.command,
+                    body=self.rfile.read(length) if length else b"",
                 )
                 with site._lock:
                     site.requests.append(seen)
@@ -138,7 +165,7 @@ class FakeDanbooru:
 
     def add_post(self, post_id: int, tag: str, copyright: str = "", data: bytes | None = None, **fields: Any) -> dict:
         """A posts.json entry in Danbooru's shape, its file served under /data/<md5>.png."""
-        data = data if data is not None else f"image of post {post_id}".encode()
+        data = data if data is not None else image_bytes(post_id)
         md5 = hashlib.md5(data).hexdigest()
         post = {
             "id": post_id, "md5": md5, "file_ext": "png", "file_url": f"/data/{md5}.png",

@@ -7,6 +7,7 @@ import pytest
 
 from lora_factory.matching.tag_matching import (
     TABLE_COLUMNS,
+    is_franchise,
     match_character,
     name_similarity,
     split_tag,
@@ -111,6 +112,10 @@ def test_forced_tag_wins_and_banned_tag_is_rejected():
         forced_tags={"booru": "ashley_(ember_knights)", "elsewhere": "ash_ek"},
     )
     assert forced.chosen == {"booru": "ashley_(ember_knights)", "elsewhere": "ash_ek"}
+    # The table marks the chosen rows (and lists them first per site), forced or not.
+    marked = forced.table[forced.table["chosen"]]
+    assert dict(zip(marked["site"], marked["tag"])) == forced.chosen
+    assert forced.table.groupby("site")["chosen"].first().all()
     row = outcome(forced, "ashley_(ember_knights)")
     assert row["outcome"] == "trusted" and row["confidence"] == 1.0 and row["evidence"].startswith("forced by index")
     assert outcome(forced, "ash_ek")["post_count"] == 0  # forced without a search hit: still listed
@@ -151,3 +156,16 @@ def test_tag_helpers():
     assert name_similarity("ash_(pocket_tamers)", ["Ash Ketchum"])[0] >= 0.85  # given name only
     assert name_similarity("kal'tsit", ["Kal'tsit"])[0] == 1.0
     assert name_similarity("ashley", ["Ash"])[0] < 0.8
+
+
+def test_franchise_forms_sites_use():
+    assert is_franchise("fate/grand_order", "fate_(series)")  # a sub-series
+    assert is_franchise("fate", "fate_(series)")
+    assert is_franchise("fire_emblem_heroes", "fire_emblem") and is_franchise("honkai_star", "honkai:_star_rail")
+    assert is_franchise("sao", "sword_art_online") and is_franchise("Honkai_Star_Rail", "honkai:_star_rail")
+    assert not is_franchise("pocket_tamers", "ember_knights")
+    assert not is_franchise("k-on!", "k")  # too short to start a sub-series
+    # One word of a title, or a coined short name, proves nothing: post evidence must.
+    assert not is_franchise("sword", "sword_art_online") and not is_franchise("re:zero", "re:zero_kara_hajimeru")
+    assert not is_franchise("konosuba", "kono_subarashii_sekai_ni_shukufuku_wo!")
+    assert not is_franchise("ember_knights", "")

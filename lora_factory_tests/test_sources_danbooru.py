@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sources_loopback import FakeDanbooru, LoopbackSite, SeenRequest, json_reply
 
+from lora_factory.sources.base import MediaPolicy
 from lora_factory.sources.danbooru import DanbooruClient, PagingStats, SiteTag
 from lora_factory.sources.http import PoliteHttpClient, SiteError
 
@@ -30,7 +31,7 @@ def test_iter_posts_pages_by_lowest_id_without_duplicates():
         stats = PagingStats()
         posts = list(client.iter_posts(TAG, max_posts=100, stats=stats))
     ids = [p.post_id for p in posts]
-    assert ids == sorted(range(100, 123), reverse=True)
+    assert ids == [str(i) for i in range(122, 99, -1)]
     pages = [r.query.get("page") for r in site.hits("/posts.json")]
     assert pages == [None, "b113", "b103", "b100"]  # the last page is empty: stop
     assert stats.pages == 4 and stats.posts == 23 and stats.stop_reason == "empty page"
@@ -45,8 +46,8 @@ def test_iter_posts_honours_max_posts_and_before_id():
     with LoopbackSite(booru.routes()) as site:
         client = DanbooruClient("testbooru", site.base_url, http(), page_limit=10)
         assert len(list(client.iter_posts(TAG, max_posts=15))) == 15
-        older = [p.post_id for p in client.iter_posts(TAG, max_posts=100, before_id=105)]
-    assert older == [104, 103, 102, 101, 100]
+        older = [p.post_id for p in client.iter_posts(TAG, max_posts=100, cursor="b105")]
+    assert older == ["104", "103", "102", "101", "100"]
     assert [r.query["limit"] for r in site.hits("/posts.json")][:2] == ["10", "5"]
 
 
@@ -75,7 +76,7 @@ def test_overlapping_pages_yield_each_post_once():
 
     with LoopbackSite({"/posts.json": overlapping}) as site:
         posts = list(DanbooruClient("overlap", site.base_url, http(), page_limit=5).iter_posts(TAG, 100))
-    ids = [p.post_id for p in posts]
+    ids = [int(p.post_id) for p in posts]
     assert sorted(ids, reverse=True) == ids and len(ids) == len(set(ids)) == 12
 
 
@@ -86,7 +87,7 @@ def test_hidden_posts_are_skipped_and_counted():
     with LoopbackSite(booru.routes()) as site:
         stats = PagingStats()
         posts = list(DanbooruClient("testbooru", site.base_url, http()).iter_posts(TAG, 100, stats=stats))
-    assert [p.post_id for p in posts] == [103, 102, 101, 100]
+    assert [p.post_id for p in posts] == ["103", "102", "101", "100"]
     assert stats.hidden_skipped == 2
 
 
@@ -159,11 +160,11 @@ def test_sample_variant_is_chosen_only_when_it_is_big_enough():
     with LoopbackSite(booru.routes()) as site:
         variants = {
             min_side: {p.post_id: p.variant for p in
-                       DanbooruClient("t", site.base_url, http(), min_side=min_side).iter_posts(TAG, 10)}
+                       DanbooruClient("t", site.base_url, http(), media=MediaPolicy(min_side=min_side)).iter_posts(TAG, 10)}
             for min_side in (None, 512)
         }
-    assert variants[None] == {1: "original", 2: "original"}
-    assert variants[512] == {1: "sample", 2: "original"}
+    assert variants[None] == {"1": "original", "2": "original"}
+    assert variants[512] == {"1": "sample", "2": "original"}
 
 
 def test_bad_configuration_is_refused():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from sources_loopback import FakeDanbooru, LoopbackSite, Reply, SeenRequest
+from sources_loopback import FakeDanbooru, LoopbackSite, Reply, SeenRequest, image_bytes
 
 from lora_factory.sources.danbooru import DanbooruClient, SiteTag
 from lora_factory.sources.http import PoliteHttpClient
 from lora_factory.sources.scrape import (
+    CAUGHT_UP,
     MANIFEST_SCHEMA,
     candidate_tags,
     candidates_frame,
@@ -32,11 +33,11 @@ def ash_booru() -> FakeDanbooru:
     for post_id in range(20, 25):
         booru.add_post(post_id, PT, "pocket_tamers")
     # The same picture uploaded twice, and one post tagged with both Ashes (a crossover).
-    booru.add_post(8, EK, "ember_knights", data=b"reposted picture")
-    booru.add_post(9, EK, "ember_knights", data=b"reposted picture")
-    crossover = booru.add_post(30, EK, "ember_knights pocket_tamers", data=b"crossover picture")
+    booru.add_post(8, EK, "ember_knights", data=image_bytes(800))
+    booru.add_post(9, EK, "ember_knights", data=image_bytes(800))  # the same picture reposted
+    crossover = booru.add_post(30, EK, "ember_knights pocket_tamers", data=image_bytes(3000))
     crossover["tag_string"] += f" {PT}"
-    booru.add_post(10, EK, "ember_knights", data=b"x" * 5000)  # over the download cap
+    booru.add_post(10, EK, "ember_knights", data=image_bytes(1000, size=(40, 40)))  # over the download cap
     booru.add_post(11, EK, "ember_knights", file_url=None)  # hidden
     return booru
 
@@ -74,11 +75,11 @@ def test_scrape_downloads_once_records_failures_and_rescrapes_nothing(tmp_path):
     # Under EK: posts 1-7, the repost pair, the crossover, the oversize one; under PT: 5 + crossover.
     assert len(manifest) == 11 + 6
     ek = manifest[manifest["candidate_tag"] == EK]
-    assert sorted(ek["post_id"]) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 30]
+    assert sorted(ek["post_id"].astype(int)) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 30]
     failed = manifest[manifest["error"].notna()]
-    assert list(failed["post_id"]) == [10] and failed["sha256"].isna().all()
+    assert list(failed["post_id"]) == ["10"] and failed["sha256"].isna().all()
     assert "refused" in failed["error"].iloc[0]
-    reposts = manifest[manifest["post_id"].isin([8, 9])]
+    reposts = manifest[manifest["post_id"].isin(["8", "9"])]
     assert reposts["sha256"].nunique() == 1  # same bytes, one blob
 
     counts = first.counts
@@ -94,9 +95,12 @@ def test_scrape_downloads_once_records_failures_and_rescrapes_nothing(tmp_path):
     assert per_tag.loc[EK, "posts"] == 11 and per_tag.loc[PT, "posts"] == 6
     assert first.per_site.loc[0, "posts"] == 17
 
-    # Second run: everything reused, except the refused file, which is tried again.
-    assert second.counts.new_posts == 0 and second.counts.reused_posts == 16 and second.counts.failed == 1
-    assert second.counts.downloaded_bytes == 0
+    # Second run: the refused file is tried again, nothing else is downloaded, and each walk
+    # stops at its first page of stored posts (once the failed post was retried).
+    assert second.counts.new_posts == 0 and second.counts.failed == 1
+    assert second.counts.reused_posts == second.counts.posts - 1 and second.counts.downloaded_bytes == 0
+    assert set(second.per_tag["stop_reason"]) == {CAUGHT_UP}
+    assert second.per_tag["pages"].sum() < first.per_tag["pages"].sum()
     pd.testing.assert_frame_equal(second.manifest, manifest)  # downloaded_at kept too
     assert read_table(tmp_path / "raw_scrape.parquet").shape == manifest.shape
 
@@ -140,7 +144,7 @@ def test_md5_mismatch_is_recorded_not_stored(tmp_path):
     booru.posts[0]["md5"] = "0" * 32  # post 30 now claims another file than it serves
     with LoopbackSite(booru.routes()) as site:
         result = run(site, tmp_path, candidate_tags_by_site={"testbooru": [EK]})
-    row = result.manifest.set_index("post_id").loc[30]
+    row = result.manifest.set_index("post_id").loc["30"]
     assert "md5 mismatch" in row["error"] and pd.isna(row["sha256"])
 
 

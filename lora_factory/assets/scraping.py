@@ -1,21 +1,30 @@
 """raw_scrape and matched_tags: from the character's names to the posts that are really them."""
 
 
+from pathlib import Path
+
 import dagster as dg
+import pandas as pd
 
 from lora_factory.assets.index import character_index
 from lora_factory.assets.metadata import table_metadata
 from lora_factory.assets.stage import Stage
 from lora_factory.matching.tag_matching import match_character, surviving_posts
+from lora_factory.matching.visual import (
+    VISUAL_SAMPLE_SIZE,
+    VisualCheck,
+    embed_reference_images,
+    manifest_sampler,
+)
 from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
-from lora_factory.resources import CharacterIndex, FactoryStorage, ImageSites
+from lora_factory.resources import CharacterIndex, FactoryStorage, ImageSites, VisionModelsResource
 from lora_factory.sources.scrape import (
     candidate_tags,
     candidates_frame,
     scrape_character,
 )
-from lora_factory.storage import read_table, write_table
+from lora_factory.storage import read_table, sha256_file, write_table
 
 # Columns that identify what was scraped (not where from: the demo booru's port changes).
 MANIFEST_IDENTITY = ["site", "post_id", "candidate_tag", "sha256"]
@@ -41,7 +50,9 @@ def raw_scrape(
 ) -> dg.MaterializeResult:
     stage = Stage(context, storage, reusable=False)
     row = character_index.row(stage.key)
-    clients = image_sites.clients()
+    clients, skipped_sites = image_sites.build()
+    for message in skipped_sites:
+        context.log.warning(message)
     tags_by_site = {
         site: candidate_tags(
             row.all_names,
@@ -82,10 +93,13 @@ def raw_scrape(
             "new_posts": counts.new_posts,
             "reused_posts": counts.reused_posts,
             "failed_downloads": counts.failed,
+            "skipped_animated": counts.animated_skipped,
+            "skipped_over_pixel_cap": counts.oversize_skipped,
             "downloaded_mb": round(counts.downloaded_bytes / 2**20, 2),
             "listing_errors": dg.MetadataValue.md(
                 "\n".join(f"- {e}" for e in result.listing_errors) or "none"
             ),
+            "skipped_sites": dg.MetadataValue.md("\n".join(f"- {m}" for m in skipped_sites) or "none"),
             "per_tag": table_metadata(result.per_tag),
             "candidates": table_metadata(candidates),
             "manifest_sample": table_metadata(
@@ -97,28 +111,58 @@ def raw_scrape(
     )
 
 
+class MatchingSettings(dg.Config):
+    """Visual evidence for tag matching (thresholds: lora_factory.matching.visual)."""
+
+    visual_evidence: bool = True  # embed a sample of each candidate's solo pictures
+    visual_sample_size: int = VISUAL_SAMPLE_SIZE
+
+
 @dg.asset(
     partitions_def=characters_partitions,
     group_name="dataset",
-    code_version="1",
+    code_version="2",
     deps=[raw_scrape],
     description=(
         "For each site, which candidate tag really is this character: name similarity, "
-        "franchise co-occurrence in the posts and post count as evidence, an outcome "
-        "(trusted / likely / uncertain / rejected) and a confidence; a name that collides "
-        "with another franchise's character is rejected. Keeps the posts that survive."
+        "franchise co-occurrence in the posts, post count and visual consistency (identity "
+        "embeddings of a sample of solo pictures against the index's reference images or "
+        "the dominant look across sites) as evidence, an outcome (trusted / likely / "
+        "uncertain / rejected) and a confidence; a name that collides with another "
+        "franchise's character is rejected. Index overrides (site_tags, banned_tags) win. "
+        "Keeps the posts that survive."
     ),
 )
 def matched_tags(
-    context: dg.AssetExecutionContext, storage: FactoryStorage, character_index: CharacterIndex
+    context: dg.AssetExecutionContext,
+    config: MatchingSettings,
+    storage: FactoryStorage,
+    character_index: CharacterIndex,
+    vision_models: VisionModelsResource,
 ) -> dg.MaterializeResult:
     row = character_index.row(context.partition_key)
-    stage = Stage(context, storage, upstream=("raw_scrape",), extra={"row": row.content_hash()})
+    reference_paths = [
+        path if path.is_absolute() else Path(character_index.index_path).parent / path
+        for path in map(Path, row.reference_images)
+    ]
+    extra = {"row": row.content_hash()}
+    if config.visual_evidence:
+        extra["identity_model"] = vision_models.identity
+        extra["reference_images"] = [sha256_file(p) if p.is_file() else str(p) for p in reference_paths]
+    stage = Stage(context, storage, config, upstream=("raw_scrape",), extra=extra)
     table_path = stage.store.table_path("matched_tags", stage.key)
     posts_path = stage.store.table_path("matched_tags", stage.key, "posts")
     if stage.needs_build(table_path, posts_path):
         manifest = read_table(stage.store.table_path("raw_scrape", stage.key))
         candidates = read_table(stage.store.table_path("raw_scrape", stage.key, "candidates"))
+        visual = None
+        if config.visual_evidence:
+            identity = vision_models.load_identity(stage.store)
+            visual = VisualCheck(
+                identity,
+                manifest_sampler(manifest, stage.store.blobs.get, identity.embed, config.visual_sample_size),
+                embed_reference_images(reference_paths, identity.embed, stage.key),
+            )
         match = match_character(
             stage.key,
             row.display_name,
@@ -128,6 +172,7 @@ def matched_tags(
             manifest,
             forced_tags=row.site_tags,
             banned_tags=row.banned_tags,
+            visual=visual,
         )
         if not match.chosen:
             raise RuntimeError(
@@ -141,16 +186,21 @@ def matched_tags(
         stage.finish(frame_hash(posts, MANIFEST_IDENTITY), {"posts": len(posts)})
     table = read_table(table_path)
     posts = read_table(posts_path)
-    chosen = table[table["outcome"].isin(["trusted", "likely"])].drop_duplicates("site")
+    chosen = table[table["chosen"]]
     for record in table.itertuples(index=False):
         context.log.info(f"{record.site} {record.tag}: {record.outcome} — {record.evidence}")
     return stage.result(
         {
             "dagster/row_count": len(posts),
             "chosen_tags": dg.MetadataValue.md(
-                "\n".join(f"- **{r.site}**: `{r.tag}` ({r.outcome}, confidence {r.confidence:.2f})"
-                          for r in chosen.itertuples(index=False))
+                "\n".join(
+                    f"- **{r.site}**: `{r.tag}` ({r.outcome}, confidence {r.confidence:.2f}"
+                    + ("" if pd.isna(r.visual_consistency) else f", visual {r.visual_consistency:.0%}")
+                    + f") — {r.evidence}"
+                    for r in chosen.itertuples(index=False)
+                )
             ),
+            "outcomes": dg.MetadataValue.json(table["outcome"].value_counts().to_dict()),
             "rejected": int((table["outcome"] == "rejected").sum()),
             "candidates": table_metadata(table),
         }

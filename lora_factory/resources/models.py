@@ -49,6 +49,14 @@ class VisionModelsResource(dg.ConfigurableResource):
         registry = ModelRegistry(store.models_dir, offline=self.offline)
         return VisionModels.load(registry, names=self.names())
 
+    def load_identity(self, store: FactoryStore):
+        """Only the identity model (tag matching needs no other)."""
+        from lora_factory.vision.identity import IdentityModel
+        from lora_factory.vision.registry import ModelRegistry
+
+        registry = ModelRegistry(store.models_dir, offline=self.offline)
+        return IdentityModel(registry.resolve(self.identity))
+
 
 class BaseModelResource(dg.ConfigurableResource):
     """The SD1.5-family base model: `tiny-sd15` (the built-in random-weight demo model),

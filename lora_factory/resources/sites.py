@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from urllib.parse import urlparse
+import os
+from typing import Any
 
 import dagster as dg
 
@@ -8,20 +9,40 @@ DEMO_BOORU = "demo"
 
 
 class SiteConfig(dg.Config):
-    """One image site. `base_url: demo` is the project's own demo booru, started in-process."""
+    """One image site. For a known site (danbooru, gelbooru, yandere, e621, pixiv, ...) the
+    name is enough: its API, base URL and polite rate come from the site's preset.
+    `base_url: demo` is the project's own demo booru, started in-process. Credentials
+    should come from environment variables: `login=dg.EnvVar("DANBOORU_LOGIN")`."""
 
     name: str
-    api: str = "danbooru"
-    base_url: str = DEMO_BOORU
+    api: str | None = None  # the API family; None: the preset's
+    base_url: str | None = None  # None: the preset's
+    folder: str | None = None  # for a local_folder site
+    requests_per_second: float | None = None  # None: the preset's (1 request/s for most sites)
+    enabled: bool = True
     login: str | None = None
     api_key: str | None = None
-    requests_per_second: float = 1.0
-    enabled: bool = True
+    user_id: str | None = None
+    password: str | None = None
+    refresh_token: str | None = None
+
+
+def site_from_env(name: str, **fields: Any) -> SiteConfig:
+    """A SiteConfig whose credentials are read from `<NAME>_<FIELD>` environment variables
+    (DANBOORU_LOGIN, GELBOORU_API_KEY, PIXIV_REFRESH_TOKEN, ...) that are set; a site that
+    needs a missing one is then skipped with a message instead of failing the run."""
+    from lora_factory.sources.registry import credential_env_vars
+
+    for field_name, variable in credential_env_vars(name).items():
+        if field_name not in fields and os.environ.get(variable):
+            fields[field_name] = dg.EnvVar(variable)
+    return SiteConfig(name=name, **fields)
 
 
 class ImageSites(dg.ConfigurableResource):
-    """The sites `raw_scrape` searches. Credentials come from environment variables
-    (`dg.EnvVar`) and never reach logs, metadata or manifests."""
+    """The sites `raw_scrape` searches, and how files are chosen and checked. Credentials
+    come from environment variables (`dg.EnvVar`) and never reach logs, metadata or
+    manifests."""
 
     # The default is the demo booru on loopback, so it may go faster than a real site.
     sites: list[SiteConfig] = [{"name": "demo", "base_url": DEMO_BOORU, "requests_per_second": 50.0}]
@@ -29,50 +50,40 @@ class ImageSites(dg.ConfigurableResource):
     max_posts_per_tag: int = 200
     timeout_s: float = 30.0
     max_retries: int = 5
+    max_download_mb: float = 50.0
+    # The smallest rendition whose sides both reach min_side is downloaded (the original
+    # when none does); 0 always takes the original.
+    min_side: int = 800
+    max_pixels: int = 40_000_000  # refused by the declared size, before any download or decoding
+    animated: str = "skip"  # animations and videos: "skip", or "first_frame"
 
     def site_configs(self) -> list[SiteConfig]:
         # Dagster keeps a list default as plain dicts (it cannot hold Config objects).
         return [SiteConfig(**s) if isinstance(s, dict) else s for s in self.sites]
 
-    def clients(self) -> dict:
-        from lora_factory.sources.danbooru import DanbooruClient
-        from lora_factory.sources.http import PoliteHttpClient
+    def build(self) -> tuple[dict, list[str]]:
+        """(clients of the enabled sites, one message per site skipped for lack of credentials)."""
+        from lora_factory.sources.base import MediaPolicy
+        from lora_factory.sources.registry import PRESETS, HttpSettings, SiteSettings, build_clients
 
-        clients = {}
+        settings = []
         for site in self.site_configs():
-            if not site.enabled:
-                continue
-            if site.api != "danbooru":
-                raise ValueError(
-                    f"site {site.name!r}: api {site.api!r} is not supported yet; "
-                    "supported: 'danbooru'"
-                )
-            base_url = _resolve_base_url(site.base_url)
-            http = PoliteHttpClient(
-                user_agent=self.user_agent,
-                requests_per_second=site.requests_per_second,
-                max_retries=self.max_retries,
-                timeout_s=self.timeout_s,
-                allowed_hosts={urlparse(base_url).hostname},
-            )
-            clients[site.name] = DanbooruClient(
-                site=site.name,
-                base_url=base_url,
-                http=http,
-                login=site.login,
-                api_key=site.api_key,
-            )
+            values = site.model_dump()
+            preset = PRESETS.get(site.name)
+            if site.enabled and (site.base_url or (preset.base_url if preset else None)) == DEMO_BOORU:
+                from lora_factory.demo.service import demo_booru_url
+
+                values["base_url"] = demo_booru_url()
+            settings.append(SiteSettings(**values))
+        clients, skipped = build_clients(
+            settings,
+            HttpSettings(self.user_agent, self.timeout_s, self.max_retries, int(self.max_download_mb * 2**20)),
+            MediaPolicy(min_side=self.min_side or None, animated=self.animated, max_pixels=self.max_pixels),
+        )
         if not clients:
-            raise ValueError("no image site is enabled: enable at least one in ImageSites.sites")
-        return clients
+            reasons = "\n".join(skipped) or "every site is disabled"
+            raise ValueError(f"no image site can be used: enable at least one in ImageSites.sites\n{reasons}")
+        return clients, skipped
 
-
-def _resolve_base_url(base_url: str) -> str:
-    if base_url == DEMO_BOORU:
-        from lora_factory.demo.service import demo_booru_url
-
-        return demo_booru_url()
-    parsed = urlparse(base_url)
-    if parsed.scheme not in {"http", "https"} or not parsed.hostname:
-        raise ValueError(f"site base_url {base_url!r} must be an http(s) URL or 'demo'")
-    return base_url.rstrip("/")
+    def clients(self) -> dict:
+        return self.build()[0]

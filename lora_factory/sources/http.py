@@ -18,6 +18,8 @@ import re
 import threading
 import time
 import weakref
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
 from datetime import timezone
 from typing import Any, Callable, Mapping, TypeVar
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
@@ -148,6 +150,15 @@ def _hostname(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
 
+def host_allowed(host: str, allowed: set[str]) -> bool:
+    """`host` is in `allowed`, where an entry ".example.org" stands for example.org and its subdomains."""
+    host = host.lower()
+    return any(
+        host == entry or (entry.startswith(".") and (host == entry[1:] or host.endswith(entry)))
+        for entry in allowed
+    )
+
+
 class _HostRateLimiter:
     """Hands out request slots for one host; the slowest rate of the live clients wins.
 
@@ -182,6 +193,23 @@ def _limiter_for(host_key: str) -> _HostRateLimiter:
         if limiter is None:
             limiter = _LIMITERS[host_key] = _HostRateLimiter()
         return limiter
+
+
+_NO_VALUE = object()
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What to send: the same for every attempt and every redirect hop."""
+
+    url: str
+    auth: tuple[str, str] | None
+    headers: Mapping[str, str] | None
+    accept: str
+    identity: bool = False  # ask for an unencoded body (downloads: truncation stays detectable)
+    method: str = "GET"
+    form: Mapping[str, str] | None = None
+    json_body: Any = None
 
 
 class PoliteHttpClient:
@@ -235,9 +263,14 @@ class PoliteHttpClient:
         *,
         site: str | None = None,
         auth: tuple[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        empty: Any = _NO_VALUE,
     ) -> Any:
         """GET `url` with `params` and return the decoded JSON body.
 
+        `headers` (for instance a bearer token) go, like `auth`, only to the host of `url`.
+        `empty`: what an empty body means, for the sites that answer "nothing found" with
+        zero bytes; without it an empty body is an error.
         Raises SiteError for a non-JSON answer (an HTML page served with 200, a wrong
         content type, malformed JSON) or when the retries are used up.
         """
@@ -245,21 +278,69 @@ class PoliteHttpClient:
         label = site or _hostname(full_url)
 
         def attempt() -> Any:
-            body, content_type = self._fetch(full_url, label, auth, accept="application/json")
+            body, content_type = self._fetch(_Request(full_url, auth, headers, "application/json"), label)
+            if empty is not _NO_VALUE and not body.strip():
+                return empty
             return _decode_json(body, content_type, label, full_url)
 
         return self._with_retries(full_url, label, attempt)
 
-    def download(self, url: str, *, site: str | None = None, auth: tuple[str, str] | None = None) -> bytes:
+    def get_xml(
+        self, url: str, params: Mapping[str, Any] | None = None, *, site: str | None = None
+    ) -> ElementTree.Element:
+        """GET `url` and return the root element of its XML body.
+
+        Documents that declare a DTD or entities are refused: nothing an image site
+        answers needs them, and entity expansion is how XML bodies blow up in memory.
+        """
+        full_url = url_with_params(url, params)
+        label = site or _hostname(full_url)
+
+        def attempt() -> ElementTree.Element:
+            body, content_type = self._fetch(_Request(full_url, None, None, "application/xml, text/xml"), label)
+            return _decode_xml(body, content_type, label, full_url)
+
+        return self._with_retries(full_url, label, attempt)
+
+    def post_form(
+        self,
+        url: str,
+        form: Mapping[str, str] | None = None,
+        *,
+        json_body: Any = None,
+        site: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """POST a form (or `json_body`) to `url` and return the decoded JSON answer.
+
+        Used for token exchanges. The body carries secrets, so it is never logged, and a
+        redirect is refused rather than followed (a POST must not be replayed elsewhere).
+        """
+        label = site or _hostname(url)
+        request = _Request(url, None, headers, "application/json", method="POST", form=form, json_body=json_body)
+
+        def attempt() -> Any:
+            body, content_type = self._fetch(request, label)
+            return _decode_json(body, content_type, label, url)
+
+        return self._with_retries(url, label, attempt)
+
+    def download(
+        self,
+        url: str,
+        *,
+        site: str | None = None,
+        auth: tuple[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
         """The body of `url`, at most `max_download_bytes` long, verified complete.
 
         Raises DownloadRefused for a body over the cap (announced or streamed) or a
         redirect to a host outside `allowed_hosts`; SiteError when the retries are used up.
         """
         label = site or _hostname(url)
-        return self._with_retries(
-            url, label, lambda: self._fetch(url, label, auth, accept="*/*", identity=True)[0]
-        )
+        request = _Request(url, auth, headers, "*/*", identity=True)
+        return self._with_retries(url, label, lambda: self._fetch(request, label)[0])
 
     # -- retries ------------------------------------------------------------------------
 
@@ -290,22 +371,22 @@ class PoliteHttpClient:
 
     # -- one attempt --------------------------------------------------------------------
 
-    def _fetch(
-        self, url: str, label: str, auth: tuple[str, str] | None, accept: str, identity: bool = False
-    ) -> tuple[bytes, str]:
+    def _fetch(self, request: _Request, label: str) -> tuple[bytes, str]:
         """Follow redirects by hand (to vet every hop), then read the body of the final answer."""
-        origin_host = _hostname(url)
-        self._check_first_host(url, label)
-        current = url
+        origin_host = _hostname(request.url)
+        self._check_first_host(request.url, label)
+        current = request.url
         for _ in range(MAX_REDIRECTS + 1):
             # Credentials go only to the host they were meant for.
-            hop_auth = auth if _hostname(current) == origin_host else None
-            response = self._send(current, label, hop_auth, accept, identity)
+            same_host = _hostname(current) == origin_host
+            response = self._send(request, current, label, same_host)
             with response:
                 if response.status_code in REDIRECT_STATUSES:
                     location = response.headers.get("Location")
                     if not location:
                         raise SiteError(label, current, f"HTTP {response.status_code} redirect without a Location header")
+                    if request.method != "GET":
+                        raise SiteError(label, current, f"HTTP {response.status_code} redirect answering a {request.method}")
                     target = urljoin(current, location)
                     self._check_redirect(target, origin_host, label, current)
                     current = target
@@ -313,14 +394,14 @@ class PoliteHttpClient:
                 _raise_for_status(response, label, current)
                 body = self._read_body(response, label, current)
                 return body, response.headers.get("Content-Type", "")
-        raise SiteError(label, url, f"more than {MAX_REDIRECTS} redirects")
+        raise SiteError(label, request.url, f"more than {MAX_REDIRECTS} redirects")
 
     def _check_first_host(self, url: str, label: str) -> None:
         scheme = urlsplit(url).scheme
         if scheme not in ("http", "https"):
             raise SiteError(label, url, f"unsupported URL scheme {scheme!r}: only http and https are fetched")
         host = _hostname(url)
-        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+        if self.allowed_hosts is not None and not host_allowed(host, self.allowed_hosts):
             raise DownloadRefused(
                 label, url, f"host {host!r} is not in allowed_hosts {sorted(self.allowed_hosts)}"
             )
@@ -329,7 +410,7 @@ class PoliteHttpClient:
         host = _hostname(target)
         scheme = urlsplit(target).scheme
         allowed = self.allowed_hosts if self.allowed_hosts is not None else {origin_host}
-        if scheme not in ("http", "https") or host not in allowed:
+        if scheme not in ("http", "https") or not host_allowed(host, allowed):
             raise DownloadRefused(
                 label, url, f"refused redirect to {redact_url(target)} (allowed hosts: {sorted(allowed)})"
             )
@@ -342,17 +423,19 @@ class PoliteHttpClient:
             self._sessions.session = session
         return session
 
-    def _send(
-        self, url: str, label: str, auth: tuple[str, str] | None, accept: str, identity: bool
-    ) -> requests.Response:
+    def _send(self, request: _Request, url: str, label: str, same_host: bool) -> requests.Response:
         _limiter_for(_host_key(url)).wait_turn(self, 1.0 / self.requests_per_second)
-        headers = {"Accept": accept}
-        if identity:
+        headers = {"Accept": request.accept}
+        if same_host and request.headers:
+            headers.update(request.headers)
+        if request.identity:
             # Content-Length then counts the bytes we receive, so truncation is detectable.
             headers["Accept-Encoding"] = "identity"
         try:
-            return self._session().get(
-                url, headers=headers, auth=auth, timeout=self.timeout_s, allow_redirects=False, stream=True
+            return self._session().request(
+                request.method, url, headers=headers, auth=request.auth if same_host else None,
+                data=request.form, json=request.json_body,
+                timeout=self.timeout_s, allow_redirects=False, stream=True,
             )
         except requests.Timeout:
             raise _RetryableFailure(f"no answer within {self.timeout_s:g}s") from None
@@ -424,3 +507,15 @@ def _decode_json(body: bytes, content_type: str, label: str, url: str) -> Any:
         return json.loads(body)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise SiteError(label, url, f"malformed JSON ({len(body)} bytes): {exc}") from None
+
+
+def _decode_xml(body: bytes, content_type: str, label: str, url: str) -> ElementTree.Element:
+    head = body.lstrip()[:64].lower()
+    if "html" in content_type.lower() or head.startswith((b"<!doctype html", b"<html")):
+        raise SiteError(label, url, "expected XML but got an HTML page: the site may be down or behind a bot challenge")
+    if b"<!doctype" in body[:4096].lower() or b"<!entity" in body.lower():
+        raise SiteError(label, url, "refused XML with a DTD or entity declarations")
+    try:
+        return ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise SiteError(label, url, f"malformed XML ({len(body)} bytes): {exc}") from None

@@ -2,12 +2,17 @@
 
 The manifest is a Parquet table with one row per (site, post_id, candidate_tag). It is
 rewritten (atomically) after every page, so a killed run loses at most one page of rows,
-and a re-run reads it first and downloads only what it does not already hold.
+and a re-run reads it first and downloads only what it does not already hold. The same
+picture found on two sites (or twice on one) is stored once: blobs are named by content,
+and a file whose original md5 is already held is not downloaded again.
+
+A re-run also lists less: once a walk over a (site, tag) has finished, the next run stops
+at the first page whose posts are all stored, unless older failures still wait for a retry.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import unicodedata
 from dataclasses import asdict, dataclass, field
@@ -18,26 +23,27 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import pyarrow as pa
 
-from lora_factory.sources.danbooru import CHARACTER_CATEGORY, DanbooruClient, PagingStats, SitePost, SiteTag
+from lora_factory.sources.base import CHARACTER_CATEGORY, ORIGINAL, PagingStats, SiteClient, SitePost, SiteTag
 from lora_factory.sources.http import SiteError
-from lora_factory.storage import BlobStore, read_table, write_table
+from lora_factory.storage import BlobStore, atomic_write_json, read_table, write_table
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema(
     [
         ("site", pa.string()),
-        ("post_id", pa.int64()),
+        ("post_id", pa.string()),  # as the site writes it: Sankaku and Wallhaven ids are not numbers
         ("candidate_tag", pa.string()),
-        ("md5", pa.string()),
-        ("sha256", pa.string()),  # of the downloaded bytes; null when the download failed
+        ("md5", pa.string()),  # of the original, as the site publishes it; "" when it does not
+        ("sha256", pa.string()),  # of the stored bytes; null when the download failed
         ("file_url", pa.string()),
         ("file_ext", pa.string()),
-        ("variant", pa.string()),  # "original" or "sample"
-        ("width", pa.int64()),
+        ("variant", pa.string()),  # "original", "sample", ...; "/first_frame" added for a cut animation
+        ("media", pa.string()),  # image, animated or video, as listed
+        ("width", pa.int64()),  # of the original; null when the site does not say
         ("height", pa.int64()),
         ("file_size", pa.int64()),
-        ("rating", pa.string()),
+        ("rating", pa.string()),  # g / s / q / e, or "" when the site does not rate
         ("tags", pa.string()),  # space-joined, as the site writes them
         ("character_tags", pa.string()),
         ("copyright_tags", pa.string()),
@@ -49,26 +55,34 @@ MANIFEST_SCHEMA = pa.schema(
 
 PER_TAG_COLUMNS = [
     "site", "candidate_tag", "posts", "new_posts", "reused_posts", "downloaded_bytes", "failed",
-    "hidden_skipped", "pages", "stop_reason", "listing_error",
+    "hidden_skipped", "animated_skipped", "oversize_skipped", "pages", "stop_reason", "listing_error",
 ]
+COUNT_COLUMNS = [
+    "posts", "new_posts", "reused_posts", "downloaded_bytes", "failed",
+    "hidden_skipped", "animated_skipped", "oversize_skipped", "pages",
+]
+CAUGHT_UP = "caught up: a whole page was already stored"
 
 
 @dataclass(frozen=True)
 class HeldFile:
-    """A file the blob store already holds, and when it was downloaded."""
+    """A file the blob store already holds, when it was downloaded, and which rendition."""
 
     sha256: str
     downloaded_at: datetime
+    variant: str
 
 
 @dataclass
 class ScrapeCounts:
     posts: int = 0  # downloadable posts listed
     new_posts: int = 0  # downloaded in this run
-    reused_posts: int = 0  # already held (same site+post id, or same original md5)
+    reused_posts: int = 0  # already held (same site+post id, or same original md5 on any site)
     downloaded_bytes: int = 0
     failed: int = 0  # downloads that failed or were refused (see the manifest's error column)
     hidden_skipped: int = 0  # posts the site lists without a file
+    animated_skipped: int = 0  # animations and videos skipped by the `animated` setting
+    oversize_skipped: int = 0  # posts with no rendition under the pixel cap
 
     def add(self, other: ScrapeCounts) -> None:
         for name, value in asdict(other).items():
@@ -84,19 +98,32 @@ class ScrapeResult:
 
     @property
     def per_site(self) -> pd.DataFrame:
-        numeric = ["posts", "new_posts", "reused_posts", "downloaded_bytes", "failed", "hidden_skipped", "pages"]
-        return self.per_tag.groupby("site", as_index=False)[numeric].sum()
+        return self.per_tag.groupby("site", as_index=False)[COUNT_COLUMNS].sum()
+
+
+@dataclass
+class _TagWalk:
+    """What earlier runs left for one (site, tag): which posts are stored, which failed,
+    and whether their walk ended properly (so this one may stop where they began)."""
+
+    stored: set[str]
+    failed: set[str]
+    may_stop_early: bool
+
+
+def walks_path(manifest_path: Path) -> Path:
+    """Where the per-(site, tag) walk states live, next to the manifest."""
+    return manifest_path.with_name(manifest_path.stem + ".walks.json")
 
 
 def scrape_character(
     character_key: str,
     candidate_tags_by_site: dict[str, list[str]],
-    clients: dict[str, DanbooruClient],
+    clients: dict[str, SiteClient],
     blobs: BlobStore,
     manifest_path: Path,
     max_posts_per_tag: int = 200,
     log: Callable[[str], None] = print,
-    verify_md5: bool = True,
 ) -> ScrapeResult:
     """Download up to `max_posts_per_tag` posts for every candidate tag on every site.
 
@@ -104,20 +131,21 @@ def scrape_character(
     by the next run); a site that cannot be listed is reported in `listing_errors` and
     the other sites go on. Raises RuntimeError when every listing failed before
     yielding a single post.
-    `verify_md5`: check original files against the md5 the site publishes.
     """
     unknown = sorted(set(candidate_tags_by_site) - set(clients))
     if unknown:
         raise ValueError(f"{character_key}: no client configured for site(s) {unknown}; configured: {sorted(clients)}")
     manifest_path = Path(manifest_path)
     rows = _load_manifest_rows(manifest_path)
-    held_by_post: dict[tuple[str, int], HeldFile] = {}
+    walks_file = walks_path(manifest_path)
+    walks: dict[str, dict[str, Any]] = _load_walks(walks_file)
+    held_by_post: dict[tuple[str, str], HeldFile] = {}
     held_by_md5: dict[str, HeldFile] = {}
     for row in rows.values():
         if row["sha256"] and blobs.has(row["sha256"]):
-            held = HeldFile(row["sha256"], row["downloaded_at"])
+            held = HeldFile(row["sha256"], row["downloaded_at"], row["variant"])
             held_by_post[(row["site"], row["post_id"])] = held
-            if row["variant"] == "original":
+            if row["variant"] == ORIGINAL and row["md5"]:
                 held_by_md5[row["md5"]] = held
 
     totals = ScrapeCounts()
@@ -126,19 +154,35 @@ def scrape_character(
     for site, tags in candidate_tags_by_site.items():
         client = clients[site]
         for tag in dict.fromkeys(tags):  # de-duplicated, order kept
+            walk_key = f"{site}\t{tag}"
+            walk = _tag_walk(rows, site, tag, held_by_post, walks.get(walk_key), max_posts_per_tag,
+                             getattr(client, "lists_newest_first", False))
             counts, stats = ScrapeCounts(), PagingStats()
             listing_error = None
+            caught_up = False
             try:
                 for page in client.iter_pages(tag, max_posts_per_tag, stats=stats):
                     for post in page:
-                        row = _row_for_post(post, tag, client, blobs, held_by_post, held_by_md5, counts, verify_md5)
+                        walk.failed.discard(post.post_id)  # retried now, whatever comes of it
+                        row = _row_for_post(post, tag, client, blobs, held_by_post, held_by_md5, counts)
                         rows[(site, post.post_id, tag)] = row
                     write_table(_manifest_frame(rows), manifest_path, MANIFEST_SCHEMA)
+                    if walk.may_stop_early and not walk.failed and all(p.post_id in walk.stored for p in page):
+                        caught_up = True
+                        stats.stop_reason = CAUGHT_UP
+                        break
             except SiteError as exc:
                 listing_error = str(exc)
                 listing_errors.append(listing_error)
                 log(f"{character_key}: listing {site} tag {tag} failed: {listing_error}")
+            # Only a walk that ended properly lets the next run stop at its first stored page;
+            # an interrupted one is walked again in full (downloading only what is missing).
+            finished = listing_error is None and (caught_up or stats.exhausted or stats.stop_reason.startswith("reached"))
+            walks[walk_key] = {"finished": finished, "max_posts": max_posts_per_tag}
+            atomic_write_json(walks_file, walks)
             counts.hidden_skipped = stats.hidden_skipped
+            counts.animated_skipped = stats.animated_skipped
+            counts.oversize_skipped = stats.oversize_skipped
             totals.add(counts)
             per_tag.append(
                 {"site": site, "candidate_tag": tag, **asdict(counts), "pages": stats.pages,
@@ -146,8 +190,9 @@ def scrape_character(
             )
             log(
                 f"{character_key}: {site} {tag}: {counts.posts} posts ({counts.new_posts} new, "
-                f"{counts.reused_posts} reused, {counts.failed} failed, {counts.hidden_skipped} hidden), "
-                f"{counts.downloaded_bytes} bytes downloaded"
+                f"{counts.reused_posts} reused, {counts.failed} failed, {counts.hidden_skipped} hidden, "
+                f"{counts.animated_skipped} animated skipped, {counts.oversize_skipped} over the pixel cap), "
+                f"{counts.downloaded_bytes} bytes downloaded in {stats.pages} pages; {stats.stop_reason}"
             )
     if per_tag and len(listing_errors) == len(per_tag) and totals.posts == 0:
         raise RuntimeError(
@@ -163,43 +208,58 @@ def scrape_character(
     )
 
 
+def _tag_walk(
+    rows: dict[tuple[str, str, str], dict[str, Any]],
+    site: str,
+    tag: str,
+    held_by_post: dict[tuple[str, str], HeldFile],
+    previous: dict[str, Any] | None,
+    max_posts: int,
+    newest_first: bool,
+) -> _TagWalk:
+    stored, failed = set(), set()
+    for (row_site, post_id, row_tag) in rows:
+        if row_site == site and row_tag == tag:
+            (stored if (site, post_id) in held_by_post else failed).add(post_id)
+    # A walk that went less deep than this run may go does not cover the older posts.
+    finished = bool(previous and previous.get("finished") and previous.get("max_posts", 0) >= max_posts)
+    # Only where new uploads come first does a page of stored posts mean "nothing new below".
+    return _TagWalk(stored, failed, may_stop_early=newest_first and finished and bool(stored))
+
+
 def _row_for_post(
     post: SitePost,
     tag: str,
-    client: DanbooruClient,
+    client: SiteClient,
     blobs: BlobStore,
-    held_by_post: dict[tuple[str, int], HeldFile],
+    held_by_post: dict[tuple[str, str], HeldFile],
     held_by_md5: dict[str, HeldFile],
     counts: ScrapeCounts,
-    verify_md5: bool,
 ) -> dict[str, Any]:
     """The manifest row for `post`, downloading its file only when no blob holds it yet."""
     counts.posts += 1
     row = _post_row(post, tag)
     held = held_by_post.get((post.site, post.post_id))
-    if held is None and post.variant == "original":
-        held = held_by_md5.get(post.md5)
+    if held is None and post.variant == ORIGINAL and post.md5:
+        held = held_by_md5.get(post.md5)  # the same original, found on another site or post
     if held is not None:
         counts.reused_posts += 1
-        row.update(sha256=held.sha256, downloaded_at=held.downloaded_at)
+        row.update(sha256=held.sha256, downloaded_at=held.downloaded_at, variant=held.variant)
+        held_by_post[(post.site, post.post_id)] = held
         return row
     try:
-        data = client.download(post)
+        fetched = client.fetch(post)
     except SiteError as exc:
         counts.failed += 1
         row["error"] = exc.reason
         return row
-    if verify_md5 and post.variant == "original" and hashlib.md5(data).hexdigest() != post.md5:
-        counts.failed += 1
-        row["error"] = f"md5 mismatch: the downloaded bytes are not the file the site lists (md5 {post.md5})"
-        return row
-    held = HeldFile(blobs.put(data), datetime.now(timezone.utc))
+    held = HeldFile(blobs.put(fetched.data), datetime.now(timezone.utc), fetched.variant)
     held_by_post[(post.site, post.post_id)] = held
-    if post.variant == "original":
+    if fetched.variant == ORIGINAL and post.md5:
         held_by_md5[post.md5] = held
     counts.new_posts += 1
-    counts.downloaded_bytes += len(data)
-    row.update(sha256=held.sha256, downloaded_at=held.downloaded_at)
+    counts.downloaded_bytes += len(fetched.data)
+    row.update(sha256=held.sha256, downloaded_at=held.downloaded_at, variant=held.variant)
     return row
 
 
@@ -207,18 +267,23 @@ def _post_row(post: SitePost, tag: str) -> dict[str, Any]:
     return {
         "site": post.site, "post_id": post.post_id, "candidate_tag": tag, "md5": post.md5,
         "sha256": None, "file_url": post.file_url, "file_ext": post.file_ext, "variant": post.variant,
-        "width": post.width, "height": post.height, "file_size": post.file_size, "rating": post.rating,
-        "tags": " ".join(post.tags), "character_tags": " ".join(post.character_tags),
+        "media": post.media, "width": post.width, "height": post.height, "file_size": post.file_size,
+        "rating": post.rating, "tags": " ".join(post.tags), "character_tags": " ".join(post.character_tags),
         "copyright_tags": " ".join(post.copyright_tags), "general_tags": " ".join(post.general_tags),
         "downloaded_at": None, "error": None,
     }
 
 
-def _load_manifest_rows(path: Path) -> dict[tuple[str, int, str], dict[str, Any]]:
+def _load_manifest_rows(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
     if not path.is_file():
         return {}
+    frame = read_table(path)
+    if "post_id" in frame.columns:
+        frame["post_id"] = frame["post_id"].astype(str)  # manifests from before string ids
+    if "media" not in frame.columns:
+        frame["media"] = "image"
     try:
-        table = pa.Table.from_pandas(read_table(path), schema=MANIFEST_SCHEMA, preserve_index=False)
+        table = pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as exc:
         raise ValueError(
             f"{path} is not a scrape manifest with the current schema ({exc}); move it away to rescrape"
@@ -226,7 +291,17 @@ def _load_manifest_rows(path: Path) -> dict[tuple[str, int, str], dict[str, Any]
     return {(row["site"], row["post_id"], row["candidate_tag"]): row for row in table.to_pylist()}
 
 
-def _manifest_frame(rows: dict[tuple[str, int, str], dict[str, Any]]) -> pd.DataFrame:
+def _load_walks(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    try:
+        walks = json.loads(path.read_text())
+    except ValueError:
+        return {}  # unreadable: every tag is walked in full, which is always safe
+    return walks if isinstance(walks, dict) else {}
+
+
+def _manifest_frame(rows: dict[tuple[str, str, str], dict[str, Any]]) -> pd.DataFrame:
     return pa.Table.from_pylist(list(rows.values()), schema=MANIFEST_SCHEMA).to_pandas()
 
 
@@ -242,7 +317,7 @@ def tag_search_pattern(name: str) -> str | None:
 
 def candidate_tags(
     names: Sequence[str],
-    client: DanbooruClient,
+    client: SiteClient,
     forced_tags: Sequence[str] = (),
     franchise: str | None = None,
     limit_per_name: int = 20,

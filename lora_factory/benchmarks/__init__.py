@@ -1,0 +1,1 @@
+"""Benchmark scripts, each runnable as `python -m lora_factory.benchmarks.<name>`."""

@@ -1,0 +1,130 @@
+"""Scraping several sites: the same picture stored once, re-runs that fetch only what is new,
+runs killed mid-page that resume cleanly, and credentials that never reach a manifest or a log."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from site_fixtures import FakeDanbooruSite, FakeGelbooru, make_post
+from sources_loopback import LoopbackSite, Reply
+
+from lora_factory.sources.danbooru import DanbooruClient
+from lora_factory.sources.gelbooru import GelbooruClient
+from lora_factory.sources.http import PoliteHttpClient
+from lora_factory.sources.scrape import CAUGHT_UP, scrape_character, walks_path
+from lora_factory.storage import BlobStore, read_table
+
+TAG = "ash_(ember_knights)"
+DANBOORU_KEY, GELBOORU_KEY = "danbooru-secret-key", "gelbooru-secret-key"
+
+
+def http(**overrides) -> PoliteHttpClient:
+    settings = dict(requests_per_second=500.0, backoff_base_s=0.001, backoff_max_s=0.01, timeout_s=2.0)
+    return PoliteHttpClient(**{**settings, **overrides})
+
+
+def two_sites():
+    shared = make_post(50, TAG, "ember_knights")
+    danbooru = FakeDanbooruSite([make_post(i, TAG, "ember_knights") for i in range(1, 7)] + [shared])
+    gelbooru = FakeGelbooru([make_post(i, TAG, "ember_knights") for i in range(1001, 1004)]
+                            + [make_post(5050, TAG, "ember_knights", data=shared.data)])
+    return shared, danbooru, gelbooru
+
+
+def scrape(tmp_path, danbooru_url, gelbooru_url, log=lambda line: None, **http_options):
+    clients = {
+        "danbooru": DanbooruClient("danbooru", danbooru_url, http(**http_options), "alice", DANBOORU_KEY, page_limit=3),
+        "gelbooru": GelbooruClient("gelbooru", gelbooru_url, http(**http_options), "7", GELBOORU_KEY, page_limit=3),
+    }
+    return scrape_character("ash", {"danbooru": [TAG], "gelbooru": [TAG]}, clients, BlobStore(tmp_path / "blobs"),
+                            tmp_path / "raw_scrape.parquet", log=log)
+
+
+def file_hits(site: LoopbackSite) -> list[str]:
+    return [r.path for r in site.requests if r.path.startswith("/files/")]
+
+
+def blob_files(tmp_path) -> list:
+    return [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+
+
+def test_same_picture_on_two_sites_is_stored_once_with_both_posts_recorded(tmp_path):
+    shared, danbooru, gelbooru = two_sites()
+    with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(gelbooru.routes()) as g_site:
+        result = scrape(tmp_path, d_site.base_url, g_site.base_url)
+        gelbooru_files = file_hits(g_site)
+    manifest = result.manifest
+    both = manifest[manifest["md5"] == shared.md5]
+    assert sorted(zip(both["site"], both["post_id"])) == [("danbooru", "50"), ("gelbooru", "5050")]
+    assert both["sha256"].nunique() == 1 and both["error"].isna().all()
+    assert f"/files/{shared.file_name}" not in gelbooru_files  # known by its md5: not downloaded twice
+    assert len(manifest) == 11 and not manifest.duplicated(["site", "post_id", "candidate_tag"]).any()
+    assert len(blob_files(tmp_path)) == manifest["sha256"].nunique() == 10
+    assert result.counts.new_posts == 10 and result.counts.reused_posts == 1
+
+
+def test_rerun_fetches_only_new_posts_and_stops_listing_where_the_last_run_began(tmp_path):
+    _, danbooru, gelbooru = two_sites()
+    with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(gelbooru.routes()) as g_site:
+        first = scrape(tmp_path, d_site.base_url, g_site.base_url)
+        first_listings = len(d_site.hits("/posts.json"))
+        newcomer = make_post(60, TAG, "ember_knights")
+        danbooru.posts.insert(0, newcomer)
+        danbooru.files[newcomer.file_name] = newcomer.data
+        d_before, g_before = len(file_hits(d_site)), len(file_hits(g_site))
+        second = scrape(tmp_path, d_site.base_url, g_site.base_url)
+        downloads = file_hits(d_site)[d_before:] + file_hits(g_site)[g_before:]
+        second_listings = len(d_site.hits("/posts.json")) - first_listings
+    assert downloads == [f"/files/{newcomer.file_name}"] and second.counts.new_posts == 1
+    assert first_listings == 4 and second_listings == 2  # the page with the newcomer, then one stored page
+    assert set(second.per_tag["stop_reason"]) == {CAUGHT_UP}
+    assert len(second.manifest) == len(first.manifest) + 1
+    assert len(blob_files(tmp_path)) == second.manifest["sha256"].nunique()
+
+
+def test_run_killed_mid_page_resumes_without_duplicates_or_half_files(tmp_path):
+    _, danbooru, gelbooru = two_sites()
+    with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(gelbooru.routes()) as g_site:
+        fetches = {"n": 0}
+        original_fetch = DanbooruClient.fetch
+
+        def dying_fetch(self, post):
+            fetches["n"] += 1
+            if fetches["n"] == 5:  # the second post of the second page
+                raise KeyboardInterrupt("killed")
+            return original_fetch(self, post)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(DanbooruClient, "fetch", dying_fetch)
+            with pytest.raises(KeyboardInterrupt):
+                scrape(tmp_path, d_site.base_url, g_site.base_url)
+        partial = read_table(tmp_path / "raw_scrape.parquet")
+        assert len(partial) == 3  # the page written before the kill
+        assert not any(p.name.endswith(".tmp") or p.name.startswith(".") for p in blob_files(tmp_path))
+        resumed = scrape(tmp_path, d_site.base_url, g_site.base_url)
+    manifest = resumed.manifest
+    assert len(manifest) == 11 and not manifest.duplicated(["site", "post_id", "candidate_tag"]).any()
+    assert manifest["error"].isna().all() and manifest["sha256"].notna().all()
+    assert resumed.counts.reused_posts == 3 + 1  # the first page, and the picture shared with gelbooru
+    assert len(blob_files(tmp_path)) == manifest["sha256"].nunique() == 10
+
+
+def test_credentials_never_reach_manifests_walk_state_or_logs(tmp_path, caplog):
+    _, danbooru, gelbooru = two_sites()
+    caplog.set_level(logging.DEBUG)
+    lines: list[str] = []
+    routes = gelbooru.routes()
+    routes["/index.php"] = lambda r: Reply(503)  # listing fails: the error names the URL
+    with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(routes) as g_site:
+        result = scrape(tmp_path, d_site.base_url, g_site.base_url, log=lines.append, max_retries=1)
+    assert result.listing_errors and "user_id=***" in result.listing_errors[0] and "api_key=***" in result.listing_errors[0]
+    stored = [
+        read_table(tmp_path / "raw_scrape.parquet").astype(str).to_csv(),
+        walks_path(tmp_path / "raw_scrape.parquet").read_text(),
+        result.per_tag.astype(str).to_csv(),
+        "\n".join(lines),
+        caplog.text,
+    ]
+    for text in stored:
+        assert DANBOORU_KEY not in text and GELBOORU_KEY not in text

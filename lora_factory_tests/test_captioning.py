@@ -1,15 +1,23 @@
+import json
 import random
 from dataclasses import dataclass, field
 
 import pandas as pd
 import pytest
 
-from lora_factory.captioning.captions import CaptionConfig, caption_dataset, core_tags, tag_frequency
+from lora_factory.captioning.captions import (
+    CaptionConfig,
+    caption_dataset,
+    core_tags,
+    outfit_trigger_name,
+    tag_frequency,
+)
 from lora_factory.captioning.tags import (
     canonical_tag,
     drop_implied,
     escape_for_prompt,
     is_feature_tag,
+    is_garment_tag,
     normalise_tag,
 )
 
@@ -76,8 +84,10 @@ def test_seed_caption_end_to_end():
         config=CaptionConfig(fold_generic=True),
     )
     assert result.table["caption"].tolist() == [AFTER] * 4
-    # long_hair and animal_ears are implied by very_long_hair and horse_ears.
-    assert set(result.core_tags) == FEATURES - {"long_hair", "animal_ears"}
+    # long_hair and animal_ears are implied by very_long_hair and horse_ears; 1girl and
+    # solo fold into the trigger with fold_generic.
+    assert set(result.core_tags) == FEATURES - {"long_hair", "animal_ears"} | {"1girl", "solo"}
+    assert result.core_share["ahoge"] == 1.0
     assert result.table["tags"][0][0] == "yellow_shirt"
     assert result.tag_frequency["manhattan cafe \\(umamusume\\)"] == 4
     assert result.clusters["size"].tolist() == [4]
@@ -87,6 +97,39 @@ def test_generic_tags_stay_unless_folded():
     crops = pd.DataFrame({"crop_sha256": ["a" * 64]})
     result = caption_dataset(crops, [manhattan_cafe_prediction()], "lf_cafe")
     assert result.table["caption"][0].startswith("lf cafe, 1girl, solo, yellow shirt")
+
+
+def seed_caption(**options) -> str:
+    crops = pd.DataFrame({"crop_sha256": ["a" * 64]})
+    config = CaptionConfig(**options)
+    return caption_dataset(crops, [manhattan_cafe_prediction()], "manhattan_cafe_(umamusume)", config).table[
+        "caption"
+    ][0]
+
+
+def test_seed_feature_step_prunes_every_hair_eye_ear_bangs_and_ahoge_tag():
+    caption = seed_caption()
+    tags = caption.split(", ")
+    assert tags[0] == "manhattan cafe \\(umamusume\\)"  # the character tag stays first
+    pruned = [t for t in split(TAGGER_OUTPUT) if any(w in t for w in ("hair", "eyes", "ears", "bangs", "ahoge"))]
+    assert len(pruned) == 10
+    assert not set(map(normalise_tag, tags)) & set(pruned)
+    # Species and count tags: a documented option each.
+    assert "horse girl" not in tags and tags[1:3] == ["1girl", "solo"]
+    assert "horse girl" in seed_caption(fold_species=False).split(", ")
+    assert seed_caption(fold_generic=True) == AFTER
+    # Fluid prunes nothing: the features follow the trigger.
+    fluid = seed_caption(style="fluid").split(", ")
+    assert fluid[0] == tags[0] and set(map(normalise_tag, fluid)) >= set(pruned) - {"long_hair", "animal_ears"}
+
+
+def test_tagger_scores_are_kept():
+    crops = pd.DataFrame({"crop_sha256": ["a" * 64]})
+    result = caption_dataset(crops, [manhattan_cafe_prediction()], "manhattan_cafe_(umamusume)")
+    scores = json.loads(result.table["tag_scores"][0])
+    raw = json.loads(result.table["tagger_tags"][0])
+    assert scores["ahoge"] == raw["ahoge"] == 0.75  # pruned from the caption, score kept
+    assert "shirt" in raw and "shirt" not in scores  # implied by yellow_shirt
 
 
 def styled(style: str) -> pd.Series:
@@ -101,7 +144,10 @@ def styled(style: str) -> pd.Series:
 def test_caption_styles():
     # ponytail is a feature seen in 10% of the crops: not core.
     assert styled("semi-static")[0] == "ash, ponytail, skirt"
-    assert styled("static")[0] == "ash, skirt"
+    # Static also folds the dominant outfit (the skirt every crop wears) into the trigger;
+    # a feature seen in 10% of the crops stays a prompt word.
+    assert styled("static")[0] == "ash, ponytail"
+    assert styled("static")[1] == "ash"
     assert styled("fluid")[0] == "ash, red hair, yellow eyes, ponytail, skirt"
     assert styled("fluid")[1] == "ash, red hair, yellow eyes, skirt"
 
@@ -195,6 +241,7 @@ def test_core_tags_and_frequencies():
     assert core_tags([["red_hair", "skirt"], ["red_hair"], ["blue_eyes"]], 0.5) == ["red_hair"]
     assert core_tags([], 0.35) == []
     assert tag_frequency(["ash, red hair", "ash, skirt"]) == {"ash": 2, "red hair": 1, "skirt": 1}
+    assert tag_frequency(["Ash, ash, "]) == {"ash": 2}  # as sd-scripts counts: every token, lower case
 
 
 def test_bad_input_is_refused():
@@ -253,3 +300,76 @@ def test_a_garment_the_tagger_misses_sometimes_is_not_an_outfit():
     assert len(result.clusters) == 2
     table = pd.crosstab(result.table["cluster"], outfit)
     assert (table.max(axis=1) / table.sum(axis=1)).min() >= 0.85
+
+
+def two_outfit_dataset(pictures_a: int, pictures_b: int, extra_a=(), extra_b=()):
+    """Full + head crops per picture; outfit A (navy jacket, beige skirt), outfit B
+    (green dress, sash); both wear a ribbon and boots."""
+    rows, predictions = [], []
+    for i in range(pictures_a + pictures_b):
+        wearing_a = i < pictures_a
+        garments = ("navy_jacket", "beige_skirt", *extra_a) if wearing_a else ("green_dress", "sash", *extra_b)
+        for kind in ("full", "head"):
+            rows.append({"crop_sha256": f"{kind}{i:062d}", "kind": kind, "source_sha256": f"s{i}", "person_index": 0})
+            general = {"red_hair": 0.9, "smile": 0.6}
+            if kind == "full":
+                general.update({g: 0.8 for g in (*garments, "ribbon", "black_boots")})
+            predictions.append(Prediction(general))
+    return pd.DataFrame(rows), predictions
+
+
+def test_static_folds_the_dominant_outfit_only_into_its_own_crops():
+    crops, predictions = two_outfit_dataset(10, 6)
+    result = caption_dataset(crops, predictions, "ash", CaptionConfig(style="static"))
+    clusters = result.clusters.set_index("cluster")
+    assert clusters.at[0, "tags"] == ["beige_skirt", "black_boots", "navy_jacket", "ribbon", "smile"]
+    # Shared (ribbon), footwear (boots) and non-garment (smile) tags are never folded.
+    assert clusters.at[0, "folded_tags"] == ["beige_skirt", "navy_jacket"]
+    assert clusters.at[1, "folded_tags"] == [] and clusters.at[0, "trigger"] == ""
+    captions = result.table.set_index("crop_sha256")["caption"]
+    assert captions[f"full{0:062d}"] == "ash, black boots, ribbon, smile"
+    assert captions[f"full{12:062d}"] == "ash, black boots, green dress, ribbon, sash, smile"
+    semi = caption_dataset(crops, predictions, "ash").table.set_index("crop_sha256")["caption"]
+    assert semi[f"full{0:062d}"] == "ash, beige skirt, black boots, navy jacket, ribbon, smile"
+
+
+def test_outfit_triggers_for_outfits_of_eight_pictures_or_more():
+    crops, predictions = two_outfit_dataset(10, 7, extra_a=("sleeveless",))
+    config = CaptionConfig(outfit_triggers=True)
+    result = caption_dataset(crops, predictions, "ash", config)
+    clusters = result.clusters.set_index("cluster")
+    assert clusters["images"].tolist() == [10, 7] and clusters["size"].tolist() == [20, 14]
+    # Garments by frequency then name; cut modifiers last (seed 003).
+    assert clusters.at[0, "trigger"] == "beige_skirt_navy_jacket_sleeveless"
+    assert clusters.at[1, "trigger"] == ""  # 7 pictures: below seed 003's minimum of 8
+    captions = result.table.set_index("crop_sha256")["caption"]
+    assert captions[f"full{0:062d}"] == "ash, beige_skirt_navy_jacket_sleeveless, black boots, ribbon, smile"
+    assert captions[f"head{0:062d}"] == "ash, smile"  # no outfit trigger on head crops
+    assert captions[f"full{12:062d}"] == "ash, black boots, green dress, ribbon, sash, smile"
+    assert result.table.set_index("crop_sha256")["outfit_trigger"][f"full{0:062d}"] != ""
+    # Fluid writes the trigger and prunes nothing.
+    fluid = caption_dataset(crops, predictions, "ash", CaptionConfig(style="fluid", outfit_triggers=True))
+    assert fluid.table["caption"][0].startswith("ash, beige_skirt_navy_jacket_sleeveless, red hair, ")
+    assert "navy jacket" in fluid.table["caption"][0]
+    # The threshold is a setting, and a single outfit never gets a trigger of its own.
+    lower = caption_dataset(crops, predictions, "ash", CaptionConfig(outfit_triggers=True, outfit_trigger_min_images=7))
+    assert lower.clusters["trigger"].tolist() == ["beige_skirt_navy_jacket_sleeveless", "green_dress_sash"]
+    alone, alone_predictions = two_outfit_dataset(12, 0)
+    single = caption_dataset(alone, alone_predictions, "ash", config)
+    assert single.clusters["trigger"].tolist() == [""]
+
+
+def test_outfit_trigger_names():
+    assert outfit_trigger_name(["yellow_short_kimono", "sleeveless", "obi"]) == "yellow_short_kimono_obi_sleeveless"
+    assert outfit_trigger_name(["a_shirt", "b_skirt", "c_hat"], max_tags=2) == "a_shirt_b_skirt"
+    with pytest.raises(ValueError, match="garment"):
+        outfit_trigger_name([])
+
+
+@pytest.mark.parametrize(
+    ("tag", "garment"),
+    [("navy_jacket", True), ("black_boots", False), ("high_heels", False), ("smile", False),
+     ("hair_ribbon", False), ("sleeveless", True), ("holding_cup", False), ("tiara", True)],
+)
+def test_garment_rules(tag, garment):
+    assert is_garment_tag(tag) is garment

@@ -5,18 +5,20 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
+from lora_factory.cleaning.dedup import DEFAULT_MAX_DISTANCE, pairwise_hamming, perceptual_hash
 from lora_factory.demo import booru as demo
 from lora_factory.demo.booru import DemoBooru, DemoBooruServer
 from lora_factory.demo.characters import DEMO_CHARACTERS
-from lora_factory.demo.drawing import draw_post
+from lora_factory.demo.drawing import draw_post, figure_shapes, width_ratio
 from lora_factory.demo.palette import BACKGROUNDS, EYE_COLOURS, HAIR_COLOURS, SKIN, TAG_COLOURS
+from lora_factory.demo.poses import SHOULDER_Y, random_pose
 
 ALLOWED_COLOURS = {*TAG_COLOURS.values(), SKIN, *BACKGROUNDS.values()}
 
@@ -264,6 +266,59 @@ def test_drawn_pictures_use_only_palette_colours_and_big_eyes() -> None:
     for figure in first.figures:
         left, top, right, bottom = figure.box
         assert 0 <= left < right <= 768 and 0 <= top < bottom <= 560
+
+
+def _box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, columns = np.nonzero(mask)
+    return int(columns.min()), int(rows.min()), int(columns.max()) + 1, int(rows.max()) + 1
+
+
+def test_truth_boxes_are_exactly_the_drawn_pixels() -> None:
+    rng = random.Random(5)
+    for character in DEMO_CHARACTERS + demo.UNRELATED_CHARACTERS:
+        for outfit_index in range(len(character.outfits)):
+            drawn = draw_post([(character, outfit_index)], (600, 640), rng)
+            figure_pixels = (np.asarray(drawn.image) != BACKGROUNDS["white_background"]).any(axis=-1)
+            (figure,) = drawn.figures
+            assert figure.box == _box_of(figure_pixels)
+            assert figure.half_body_box == _box_of(figure_pixels[: figure.half_body_box[3]])
+            assert figure.head_box == _box_of(figure_pixels[: figure.head_box[3]])
+            top, height = figure.box[1], figure.box[3] - figure.box[1]
+            assert 0.55 <= (figure.half_body_box[3] - top) / height <= 0.6  # cut at the hips
+            # Twice as tall as wide at least: the half-body detector relies on it.
+            assert figure.box[2] - figure.box[0] < height / 2
+
+
+def test_random_poses_stay_within_what_the_tiny_models_handle() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        pose = random_pose(rng)
+        for side in (-1, 1):
+            _, elbow, hand = pose.arm(side)
+            assert elbow[1] > SHOULDER_Y and hand[1] > SHOULDER_Y  # arms point down, below the head
+        for character in DEMO_CHARACTERS + demo.UNRELATED_CHARACTERS:
+            for outfit in character.outfits:
+                # Full figures are over twice as tall as wide (they are ~97 units tall).
+                assert width_ratio(figure_shapes(character, outfit, pose)) < 0.47
+
+
+def test_solo_figures_of_one_outfit_are_not_near_duplicates(booru: DemoBooru) -> None:
+    """Every post poses its figure differently, as real posts do, so the cleaning
+    chain's person-level near-duplicate removal keeps them apart."""
+    for character in DEMO_CHARACTERS:
+        hashes_by_outfit: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for post in booru.posts_for_tag(character.booru_tag):
+            truth = booru.truth[post["id"]]
+            if truth.kind != demo.NORMAL:
+                continue
+            (figure,) = truth.figures
+            image = _decode(booru.file(f"{post['md5']}.{post['file_ext']}")[0]).convert("RGB")
+            hashes_by_outfit[figure.outfit].append(perceptual_hash(image.crop(figure.box)))
+        for outfit, hashes in hashes_by_outfit.items():
+            assert len(hashes) >= 5, (character.key, outfit)
+            distances = pairwise_hamming(hashes, hashes)[np.triu_indices(len(hashes), k=1)]
+            apart = (distances > DEFAULT_MAX_DISTANCE).mean()
+            assert apart >= 0.95, (character.key, outfit, apart)
 
 
 def test_server_logs_requests_and_injects_faults(booru: DemoBooru) -> None:

@@ -1,4 +1,5 @@
-"""captions and buckets: from clean crops to the kohya training folder.
+"""captions and buckets: from clean crops to the kohya training folder and the dataset
+package.
 
 torch is imported inside the assets: Dagster imports this code location in every
 process (webserver, daemon, sensors), which need none of it.
@@ -6,35 +7,51 @@ process (webserver, daemon, sensors), which need none of it.
 
 import io
 import json
+from importlib.metadata import PackageNotFoundError, version
 
 import dagster as dg
 import pandas as pd
 
 from lora_factory.assets.cleaning import cleaned_crops
-from lora_factory.assets.metadata import counts_metadata, table_metadata
+from lora_factory.assets.metadata import table_metadata
 from lora_factory.assets.stage import Stage
-from lora_factory.bucketing.buckets import (
-    make_bucket_resolutions,
-    resize_and_crop,
-    select_bucket,
+from lora_factory.bucketing.buckets import KohyaBuckets, resize_and_crop
+from lora_factory.bucketing.export import (
+    ExportRow,
+    folder_tag_frequency,
+    kohya_dataset_config,
+    write_dataset_package,
+    write_kohya_folder,
 )
-from lora_factory.bucketing.export import ExportRow, write_kohya_folder
-from lora_factory.bucketing.repeats import assign_repeats
+from lora_factory.bucketing.repeats import (
+    DEFAULT_KIND_WEIGHTS,
+    RepeatPlan,
+    assign_repeats,
+    describe_rule,
+)
 from lora_factory.captioning.captions import CaptionConfig, caption_dataset
-from lora_factory.captioning.tags import escape_for_prompt
+from lora_factory.captioning.tags import canonical_tag, escape_for_prompt
 from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
+from lora_factory.reporting import contact_sheet_png, markdown_image
 from lora_factory.resources import (
     BaseModelResource,
     CharacterIndex,
     FactoryStorage,
     VisionModelsResource,
 )
-from lora_factory.storage import atomic_write_json, read_table, write_table
+from lora_factory.storage import atomic_write_json, read_table, sha256_file, write_table
+
+CAPTIONS_CODE_VERSION = "2"
+BUCKETS_CODE_VERSION = "2"
 
 
 class CaptionSettings(dg.Config):
-    """How crops are captioned (styles from seed 003: fluid / semi-static / static)."""
+    """How crops are captioned. Styles (seed 003): `fluid` prunes nothing, `semi-static`
+    prunes the core tags, `static` prunes the core tags and the dominant outfit.
+    `fold_generic` / `fold_species`: 1girl/1boy/solo and species tags (horse_girl)
+    count as core tags. Outfit triggers: clusters of at least
+    `outfit_trigger_min_images` pictures get a trigger named after their garments."""
 
     style: str = "semi-static"
     general_threshold: float = 0.35
@@ -42,13 +59,18 @@ class CaptionSettings(dg.Config):
     core_threshold: float = 0.35
     remove_underscores: bool = True
     fold_generic: bool = False
+    fold_species: bool = True
+    max_clusters: int = 4
+    outfit_triggers: bool = False
+    outfit_trigger_min_images: int = 8
 
 
 class BucketSettings(dg.Config):
-    """Aspect-ratio buckets (kohya's algorithm). 0 means derived from the base model:
-    resolution = its native size (512 for SD1.5), min/max = resolution / 2 and x 2
-    (256 / 1024 at 512, never below one step). Steps of 64 px: SD1.5's VAE (x8) and
-    UNet (x8) need sides divisible by 64."""
+    """Aspect-ratio buckets (kohya's algorithm, both modes) and repeats. 0 means derived
+    from the base model: resolution = its native size (512 for SD1.5), min/max =
+    resolution / 2 and x 2 (256 / 1024 at 512, never below one step). Steps of 64 px:
+    SD1.5's VAE (x8) and UNet (x8) need sides divisible by 64. `batch_size` is the one
+    steps per epoch are reported for (and written into the kohya dataset config)."""
 
     resolution: int = 0
     min_size: int = 0
@@ -56,17 +78,30 @@ class BucketSettings(dg.Config):
     step: int = 64
     no_upscale: bool = False
     max_repeats: int = 20
+    head_weight: float = DEFAULT_KIND_WEIGHTS["head"]
+    quality_low_below: float = 0.25  # aesthetic score under this: low tier
+    quality_high_from: float = 0.75  # aesthetic score from this: high tier
+    batch_size: int = 4
+
+
+def package_version() -> str:
+    try:
+        return version("lora_factory")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "not installed"
 
 
 @dg.asset(
     partitions_def=characters_partitions,
     group_name="dataset",
-    code_version="1",
+    code_version=CAPTIONS_CODE_VERSION,
     deps=[cleaned_crops],
     description=(
-        "One caption per crop: tagger output cleaned (implied, blacklisted and meta tags "
-        "dropped), core feature tags (hair, eyes, ...) present in >= 35% of crops folded "
-        "into the trigger word, which comes first; outfit clusters with their tags."
+        "One caption per crop: tagger output (scores kept) cleaned (implied, blacklisted "
+        "and meta tags dropped, synonyms merged), core feature tags (hair, eyes, ...) "
+        "present in >= 35% of crops folded into the trigger word, which comes first; "
+        "caption style fluid / semi-static / static; outfit clusters with their tags and "
+        "optional outfit triggers."
     ),
 )
 def captions(
@@ -88,56 +123,99 @@ def captions(
     clusters_path = stage.store.table_path("captions", stage.key, "clusters")
     summary_path = stage.store.artefact_dir("captions", stage.key) / "summary.json"
     if stage.needs_build(table_path, clusters_path, summary_path):
+        caption_config = CaptionConfig(**config.model_dump(), extra_blacklist=tuple(row.banned_tags))
         crops = read_table(stage.store.table_path("cleaned_crops", stage.key))
         tagger = vision_models.load(stage.store).tagger
+        # The configured thresholds, not the model's defaults, decide what the tagger returns.
+        tagger.general_threshold = caption_config.general_threshold
+        tagger.character_threshold = caption_config.character_threshold
         predictions = tagger.predict(stage.images(crops["crop_sha256"]))
         context.log.info(f"tagged {len(predictions)} crops")
-        result = caption_dataset(
-            crops,
-            predictions,
-            row.trigger,
-            CaptionConfig(**config.model_dump(), extra_blacklist=tuple(row.banned_tags)),
-        )
-        table = result.table.merge(
-            crops[["crop_sha256", "kind", "aesthetic_label"]], on="crop_sha256", how="left"
-        )
+        result = caption_dataset(crops, predictions, row.trigger, caption_config)
+        keep = [c for c in ("crop_sha256", "kind", "source_sha256", "aesthetic_label", "aesthetic_score")
+                if c in crops.columns]
+        table = result.table.merge(crops[keep], on="crop_sha256", how="left")
         write_table(table, table_path)
         write_table(result.clusters, clusters_path)
         atomic_write_json(
             summary_path,
             {
                 # As captions write it, so prompts and the model card use the same words.
-                "trigger_word": escape_for_prompt(row.trigger, config.remove_underscores),
+                "trigger_word": escape_for_prompt(canonical_tag(row.trigger), config.remove_underscores),
+                "style": caption_config.style,
                 "core_tags": result.core_tags,
+                "core_share": result.core_share,
+                "outfit_triggers": {
+                    str(c): t for c, t in zip(result.clusters["cluster"], result.clusters["trigger"], strict=True) if t
+                },
                 "tag_frequency": result.tag_frequency,
+                "tagger": {
+                    "model": vision_models.tagger,
+                    "model_sha256": sha256_file(tagger.model_dir / "model.onnx"),
+                    "general_threshold": caption_config.general_threshold,
+                    "character_threshold": caption_config.character_threshold,
+                },
             },
         )
         stage.finish(frame_hash(table, ["crop_sha256", "caption", "cluster"]), {})
     table = read_table(table_path)
     clusters = read_table(clusters_path)
     summary = json.loads(summary_path.read_text())
-    top = sorted(summary["tag_frequency"].items(), key=lambda item: -item[1])[:30]
+    top = pd.DataFrame(list(summary["tag_frequency"].items())[:30], columns=["tag", "captions"])
+    core = pd.DataFrame(list(summary["core_share"].items()), columns=["core_tag", "share_of_crops"])
     return stage.result(
         {
             "dagster/row_count": len(table),
             "trigger_word": summary["trigger_word"],
+            "caption_style": summary["style"],
             "core_tags": dg.MetadataValue.md(", ".join(f"`{t}`" for t in summary["core_tags"])),
-            "outfit_clusters": table_metadata(clusters),
-            "top_tags": counts_metadata(dict(top)),
-            "captions": table_metadata(table[["crop_sha256", "kind", "cluster", "caption"]]),
+            "core_tag_shares": table_metadata(core),
+            "outfit_clusters": table_metadata(_listed(clusters)),
+            "outfit_cluster_sheets": dg.MetadataValue.md(_cluster_sheets(stage, table, clusters)),
+            "top_tags": table_metadata(top),
+            "captions": table_metadata(
+                table[["crop_sha256", "kind", "cluster", "caption"]], max_rows=100
+            ),
+            "tagger": dg.MetadataValue.json(summary["tagger"]),
         }
     )
+
+
+def _listed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Tag-list columns as comma-separated text, for the UI's tables."""
+    out = frame.copy()
+    for column in out.columns:
+        if len(out) and not isinstance(out[column].iloc[0], str) and hasattr(out[column].iloc[0], "__len__"):
+            out[column] = out[column].map(lambda tags: ", ".join(map(str, tags)))
+    return out
+
+
+def _cluster_sheets(stage: Stage, table: pd.DataFrame, clusters: pd.DataFrame) -> str:
+    """Per outfit cluster: its tags, trigger and a contact sheet of its body crops."""
+    parts = []
+    for cluster in clusters.itertuples():
+        members = table[(table["cluster"] == cluster.cluster) & (table["kind"] != "head")].head(8)
+        heading = f"**cluster {cluster.cluster}** ({cluster.size} crops, {cluster.images} pictures)"
+        if cluster.trigger:
+            heading += f", trigger `{cluster.trigger}`"
+        parts.append(f"{heading}: {', '.join(cluster.tags) or '(no outfit tags)'}")
+        if len(members):
+            sheet = contact_sheet_png(stage.images(members["crop_sha256"]), thumb=96, cols=8)
+            parts.append(markdown_image(sheet, f"cluster {cluster.cluster}"))
+    return "\n\n".join(parts)
 
 
 @dg.asset(
     partitions_def=characters_partitions,
     group_name="dataset",
-    code_version="1",
+    code_version=BUCKETS_CODE_VERSION,
     deps=[captions],
     description=(
-        "Aspect-ratio buckets with kohya's algorithm (nearest aspect ratio; resize then "
-        "centre crop), repeats that balance outfit clusters, crop kinds and quality tiers, "
-        "and a kohya training folder (<repeats>_<name>/ image + caption pairs)."
+        "Aspect-ratio buckets exactly as kohya sd-scripts makes them (with or without "
+        "upscaling), repeats that balance outfit clusters, crop kinds and quality tiers, "
+        "a kohya training folder (<repeats>_<name>/ image + caption pairs) with its "
+        "dataset config, the tag frequencies per folder, and a dataset package (zip of "
+        "crop + caption pairs and meta.json)."
     ),
 )
 def buckets(
@@ -145,67 +223,182 @@ def buckets(
     config: BucketSettings,
     storage: FactoryStorage,
     base_model: BaseModelResource,
+    vision_models: VisionModelsResource,
 ) -> dg.MaterializeResult:
-    stage = Stage(context, storage, config, upstream=("captions",), extra={"base": base_model.source})
+    stage = Stage(
+        context,
+        storage,
+        config,
+        upstream=("captions",),
+        extra={"base": base_model.source, "vision": vision_models.names()},
+    )
+    artefacts = stage.store.artefact_dir("buckets", stage.key)
     table_path = stage.store.table_path("buckets", stage.key)
     groups_path = stage.store.table_path("buckets", stage.key, "groups")
-    dataset_dir = stage.store.artefact_dir("buckets", stage.key) / "train"
-    if stage.needs_build(table_path, groups_path, dataset_dir):
+    dataset_dir = artefacts / "train"
+    config_path = artefacts / "dataset_config.toml"
+    frequency_path = artefacts / "tag_frequency.json"
+    meta_path = artefacts / "meta.json"
+    package_path = artefacts / f"{stage.key}_dataset.zip"
+    outputs = (table_path, groups_path, dataset_dir, config_path, frequency_path, meta_path, package_path)
+    if stage.needs_build(*outputs):
         from lora_factory.training.base_model import native_resolution
 
         resolution = config.resolution or native_resolution(base_model.resolve(stage.store))
-        step = config.step
-        bucket_sizes = make_bucket_resolutions(
-            max_reso=(resolution, resolution),
-            min_size=config.min_size or max(step, resolution // 2),
+        bucketing = KohyaBuckets(
+            resolution,
+            min_size=config.min_size or max(config.step, resolution // 2),
             max_size=config.max_size or resolution * 2,
-            divisible=step,
+            step=config.step,
+            no_upscale=config.no_upscale,
         )
         table = read_table(stage.store.table_path("captions", stage.key))
-        plan = assign_repeats(table, max_repeats=config.max_repeats)
+        plan = assign_repeats(
+            table,
+            kind_weights={**DEFAULT_KIND_WEIGHTS, "head": config.head_weight},
+            max_repeats=config.max_repeats,
+            quality_cuts=(config.quality_low_below, config.quality_high_from),
+        )
         table["group"] = plan.row_groups.to_numpy()
         table["repeats"] = plan.row_repeats().to_numpy()
         rows, placed = [], []
         for record, image in zip(
             table.itertuples(index=False), stage.images(table["crop_sha256"]), strict=True
         ):
-            bucket, resized, error = select_bucket(
-                image.width, image.height, bucket_sizes, no_upscale=config.no_upscale, reso_steps=step
-            )
-            trained = resize_and_crop(image, bucket, resized)
+            choice = bucketing.select(image.width, image.height)
+            trained = resize_and_crop(image, choice.bucket, choice.resized)
             encoded = io.BytesIO()
             trained.save(encoded, format="PNG")
             stem = record.crop_sha256[:16]
             rows.append(ExportRow(encoded.getvalue(), record.caption, int(record.repeats), stem))
             placed.append(
                 {
-                    "bucket_width": bucket[0],
-                    "bucket_height": bucket[1],
-                    "aspect_error": abs(error),
+                    "width": image.width,
+                    "height": image.height,
+                    "bucket_width": choice.bucket[0],
+                    "bucket_height": choice.bucket[1],
+                    "resized_width": choice.resized[0],
+                    "resized_height": choice.resized[1],
+                    "aspect_error": abs(choice.aspect_error),
                     "image_path": f"{record.repeats}_{stage.key}/{stem}.png",
                 }
             )
         write_kohya_folder(dataset_dir, stage.key, rows)
         table = pd.concat([table, pd.DataFrame(placed)], axis=1)
+        steps = plan.steps_per_epoch(config.batch_size, buckets=_bucket_names(table))
+        kohya_dataset_config(
+            config_path, dataset_dir, stage.key, table["repeats"], bucketing.settings(), config.batch_size
+        )
+        atomic_write_json(frequency_path, folder_tag_frequency(rows, stage.key))
+        meta = _package_meta(stage, config, table, base_model, vision_models, bucketing, plan, steps)
+        atomic_write_json(meta_path, meta)
+        write_dataset_package(
+            package_path,
+            [
+                ExportRow(stage.store.blobs.path(record.crop_sha256), record.caption, 1, record.crop_sha256[:16])
+                for record in table.itertuples(index=False)
+            ],
+            meta,
+        )
         write_table(table, table_path)
         write_table(plan.groups, groups_path)
         stage.finish(
             frame_hash(table, ["crop_sha256", "caption", "repeats", "bucket_width", "bucket_height"]),
-            {"resolution": resolution},
+            {"resolution": resolution, "steps_per_epoch": steps, "batch_size": config.batch_size},
         )
     table = read_table(table_path)
     groups = read_table(groups_path)
-    bucket_counts = (
-        table.groupby(["bucket_width", "bucket_height"]).size().reset_index(name="images")
+    meta = json.loads(meta_path.read_text())
+    names = _bucket_names(table)
+    bucket_counts = pd.DataFrame(
+        {
+            "bucket": names.groupby(names).size().index,
+            "images": names.groupby(names).size().to_numpy(),
+            "samples_per_epoch": table["repeats"].groupby(names).sum().to_numpy(),
+        }
     )
+    summary = stage.stamp.summary
     return stage.result(
         {
             "dagster/row_count": len(table),
-            "resolution": stage.stamp.summary["resolution"],
-            "samples_per_epoch": int((table["repeats"]).sum()),
+            "resolution": summary["resolution"],
+            "bucket_settings": dg.MetadataValue.json(meta["buckets"]["settings"]),
+            "samples_per_epoch": int(table["repeats"].sum()),
+            "steps_per_epoch": int(summary["steps_per_epoch"]),
+            "steps_per_epoch_batch_size": int(summary["batch_size"]),
             "mean_aspect_error": float(table["aspect_error"].mean()) if len(table) else 0.0,
             "buckets": table_metadata(bucket_counts),
+            "repeat_rule": dg.MetadataValue.md(meta["repeats"]["rule"]),
             "repeat_groups": table_metadata(groups),
+            "crops_by_kind": dg.MetadataValue.json(meta["crops_by_kind"]),
             "train_data_dir": dg.MetadataValue.path(str(dataset_dir)),
+            "kohya_dataset_config": dg.MetadataValue.path(str(config_path)),
+            "tag_frequency": dg.MetadataValue.path(str(frequency_path)),
+            "dataset_package": dg.MetadataValue.path(str(package_path)),
         }
     )
+
+
+def _bucket_names(table: pd.DataFrame) -> pd.Series:
+    return table["bucket_width"].astype(str) + "x" + table["bucket_height"].astype(str)
+
+
+def _package_meta(
+    stage: Stage,
+    config: BucketSettings,
+    table: pd.DataFrame,
+    base_model: BaseModelResource,
+    vision_models: VisionModelsResource,
+    bucketing: KohyaBuckets,
+    plan: RepeatPlan,
+    steps_per_epoch: int,
+) -> dict:
+    """meta.json of the dataset package: what is in it and what made it."""
+    summary = json.loads((stage.store.artefact_dir("captions", stage.key) / "summary.json").read_text())
+    clusters = read_table(stage.store.table_path("captions", stage.key, "clusters"))
+    names = _bucket_names(table)
+    return {
+        "character": stage.key,
+        "trigger_word": summary["trigger_word"],
+        "caption_style": summary["style"],
+        "core_tags": summary["core_tags"],
+        "core_share": summary["core_share"],
+        "clusters": [
+            {
+                "cluster": int(c.cluster),
+                "size": int(c.size),
+                "images": int(c.images),
+                "tags": list(c.tags),
+                "folded_tags": list(c.folded_tags),
+                "trigger": c.trigger,
+            }
+            for c in clusters.itertuples()
+        ],
+        "crops": len(table),
+        "crops_by_kind": {str(k): int(n) for k, n in table["kind"].value_counts().sort_index().items()},
+        "crops_by_cluster": {str(k): int(n) for k, n in table["cluster"].value_counts().sort_index().items()},
+        "buckets": {
+            "settings": bucketing.settings(),
+            "counts": {str(k): int(n) for k, n in names.value_counts().sort_index().items()},
+            "mean_aspect_error": round(float(table["aspect_error"].mean()), 6) if len(table) else 0.0,
+        },
+        "repeats": {
+            "rule": describe_rule(
+                {**DEFAULT_KIND_WEIGHTS, "head": config.head_weight},
+                max_repeats=config.max_repeats,
+                quality_cuts=(config.quality_low_below, config.quality_high_from),
+            ),
+            "groups": json.loads(plan.groups.to_json(orient="records")),
+            "samples_per_epoch": int(plan.samples_per_epoch),
+            "steps_per_epoch": steps_per_epoch,
+            "batch_size": config.batch_size,
+        },
+        "versions": {
+            "lora_factory": package_version(),
+            "code": {"captions": CAPTIONS_CODE_VERSION, "buckets": BUCKETS_CODE_VERSION},
+            "upstream_data": stage.upstream_hashes,
+            "tagger": summary["tagger"],
+            "vision_models": vision_models.names(),
+            "base_model": base_model.source,
+        },
+    }

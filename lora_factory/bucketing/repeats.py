@@ -7,8 +7,10 @@ the face at the expense of the rest. The rule:
 - a *unit* is one (outfit cluster, crop kind); every unit should contribute the same
   number of samples per epoch, times its kind's weight (head crops 0.5: every person
   already gives one, and too many close-ups make the LoRA draw faces too large);
-- inside a unit, images of better aesthetic tiers are seen more (seed 002's practice:
-  4 / 8 / 16 repeats for low / medium / high quality -> multipliers 0.5 / 1 / 2);
+- inside a unit, images of better quality tiers are seen more (seed 002's practice:
+  4 / 8 / 16 repeats for low / medium / high quality -> multipliers 0.5 / 1 / 2). The
+  tier comes from the aesthetic score (0 worst .. 1 masterpiece): below 0.25 (the
+  expected label is under "normal") low, from 0.75 (over "great") high, else medium;
 - repeats are scaled so the smallest is 1, rounded, and capped at `max_repeats`: a unit
   of 3 images repeated 60 times would be memorised, not learnt.
 """
@@ -34,6 +36,15 @@ AESTHETIC_TIERS: dict[str, str] = {
     "worst": "low",
 }
 DEFAULT_MAX_REPEATS = 20
+# Aesthetic-score cut points between the low / medium / high tiers (see the docstring).
+DEFAULT_QUALITY_CUTS: tuple[float, float] = (0.25, 0.75)
+REPEAT_RULE = (
+    "Groups = (outfit cluster, crop kind, quality tier). Every (cluster, kind) unit gets "
+    "the same samples per epoch times its kind's weight (head crops {head}); inside a "
+    "unit, quality tiers (aesthetic score < {cut_low} low, >= {cut_high} high) are "
+    "repeated in the ratio low:medium:high = {low}:{medium}:{high} (seed 002: 4/8/16). "
+    "Repeats are scaled so the least repeated group has 1, rounded, capped at {cap}."
+)
 
 
 @dataclass
@@ -70,16 +81,55 @@ def aesthetic_tier(label: object) -> str:
     return AESTHETIC_TIERS.get(str(label), "medium")
 
 
+def quality_tier(score: float, cuts: tuple[float, float] = DEFAULT_QUALITY_CUTS) -> str:
+    """low / medium / high from an aesthetic score in 0..1."""
+    low, high = cuts
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"quality cuts must satisfy 0 <= low <= high <= 1, got {cuts}")
+    if score < low:
+        return "low"
+    return "high" if score >= high else "medium"
+
+
+def describe_rule(
+    kind_weights: Mapping[str, float] = DEFAULT_KIND_WEIGHTS,
+    tier_multipliers: Mapping[str, float] = DEFAULT_TIER_MULTIPLIERS,
+    max_repeats: int = DEFAULT_MAX_REPEATS,
+    quality_cuts: tuple[float, float] = DEFAULT_QUALITY_CUTS,
+) -> str:
+    """The repeat rule in words, with the numbers in force (for metadata and the card)."""
+    return REPEAT_RULE.format(
+        head=kind_weights.get("head", 1.0),
+        cap=max_repeats,
+        cut_low=quality_cuts[0],
+        cut_high=quality_cuts[1],
+        **{tier: tier_multipliers[tier] for tier in ("low", "medium", "high")},
+    )
+
+
+def _tiers(table: pd.DataFrame, cuts: tuple[float, float]) -> pd.Series:
+    """Each row's quality tier: from `aesthetic_score`, else `aesthetic_label`, else medium."""
+    tiers = pd.Series("medium", index=table.index, dtype=object)
+    if "aesthetic_label" in table.columns:
+        tiers = table["aesthetic_label"].map(aesthetic_tier).astype(object)
+    if "aesthetic_score" in table.columns:
+        scores = pd.to_numeric(table["aesthetic_score"], errors="coerce")
+        known = scores.notna()
+        tiers[known] = scores[known].map(lambda s: quality_tier(float(s), cuts))
+    return tiers
+
+
 def assign_repeats(
     table: pd.DataFrame,
     kind_weights: Mapping[str, float] = DEFAULT_KIND_WEIGHTS,
     tier_multipliers: Mapping[str, float] = DEFAULT_TIER_MULTIPLIERS,
     max_repeats: int = DEFAULT_MAX_REPEATS,
+    quality_cuts: tuple[float, float] = DEFAULT_QUALITY_CUTS,
 ) -> RepeatPlan:
-    """Repeats per (cluster, kind, aesthetic tier) group of `table`'s rows.
+    """Repeats per (cluster, kind, quality tier) group of `table`'s rows.
 
     Uses the columns `kind` (full/upper/head), `cluster` (outfit cluster; all 0 when
-    absent) and `aesthetic_label` (all "medium" tier when absent).
+    absent) and `aesthetic_score` or `aesthetic_label` (all "medium" tier when absent).
     """
     if "kind" not in table.columns:
         raise ValueError("table needs a 'kind' column (full/upper/head)")
@@ -97,9 +147,7 @@ def assign_repeats(
         {
             "cluster": table["cluster"].astype(int) if "cluster" in table.columns else 0,
             "kind": table["kind"].astype(str),
-            "tier": table["aesthetic_label"].map(aesthetic_tier)
-            if "aesthetic_label" in table.columns
-            else "medium",
+            "tier": _tiers(table, quality_cuts),
         },
         index=table.index,
     )

@@ -1,21 +1,29 @@
 """Captions for a character's crops: tagger output -> trigger word + the tags worth keeping.
 
-The practice the factory follows (the seeds' and CyberHarem's):
-1. keep general tags above `general_threshold`, fold synonyms, drop blacklisted tags and
-   tags implied by a more specific one;
-2. core tags = feature tags (hair, eyes, ears, horns...) present in at least
-   `core_threshold` of the crops: what the character always looks like;
-3. prune them from the captions so the trigger word learns them, and put the trigger
-   word first (train with keep_tokens=1 so caption shuffling never moves it);
-4. cluster the crops by outfit, so previews can prompt each outfit by its tags.
+The practice the factory follows (seeds 002 and 003, and CyberHarem's):
+1. keep general tags above `general_threshold` (the tagger's scores are kept), fold
+   synonyms, drop blacklisted and meta tags and tags implied by a more specific one;
+2. core tags = feature tags (hair, eyes, ears, horns...; never breast size) present in
+   at least `core_threshold` of the crops: what the character always looks like.
+   `fold_species` (default on) counts species tags (`horse_girl`) as features,
+   `fold_generic` (default off) counts `1girl`/`1boy`/`solo` as well;
+3. the trigger word comes first (train with keep_tokens=1 so shuffling never moves it);
+4. crops are clustered by outfit; each cluster gets its frequent outfit tags.
 
-Styles decide what is pruned:
-- `static`: every feature tag, frequent or not (seed 002's practice): the trigger carries
-  the whole look, rare variants included.
-- `semi-static` (default): the core tags only: a hairstyle seen in 10% of the crops stays
-  a prompt word that can be switched on and off.
-- `fluid`: nothing; the core tags follow the trigger word, so the LoRA reproduces the
-  character only together with them but every feature stays promptable.
+Styles (seed 003) decide what the trigger word absorbs:
+- `fluid`: nothing is pruned; the trigger is added (the core tags follow it), so every
+  feature stays promptable but the character needs them in the prompt;
+- `semi-static` (default): the core tags are pruned: the trigger alone draws the
+  character, everything else (outfits, rarer hairstyles, breast size) stays editable;
+- `static`: the core tags and the dominant outfit (the biggest cluster's own garments,
+  footwear excepted) are pruned from that outfit's crops: the trigger draws the
+  character in that outfit; other outfits keep their words.
+
+Outfit triggers (`outfit_triggers`, seed 003's sub-concepts): a cluster of at least
+`outfit_trigger_min_images` pictures (8: seed 003's minimum) whose garments are its own
+gets a trigger named after them (`navy_jacket_beige_skirt`), written after the
+character's in its body crops; in the pruning styles its garments are folded into it.
+Garments that several clusters share are never folded: neither trigger would own them.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -32,11 +40,15 @@ import pandas as pd
 from scipy.stats import fisher_exact
 
 from lora_factory.captioning.tags import (
+    GENERIC_TAGS,
+    OUTFIT_MODIFIERS,
     canonical_tag,
     clean_tags,
     escape_for_prompt,
     is_feature_tag,
+    is_garment_tag,
     is_outfit_candidate,
+    normalise_tag,
 )
 
 if TYPE_CHECKING:  # only `general` and `character` are read: any such object will do
@@ -62,10 +74,14 @@ class CaptionConfig:
     core_threshold: float = 0.35  # share of crops a feature tag needs to become core
     style: CaptionStyle = "semi-static"
     remove_underscores: bool = True
-    fold_generic: bool = False  # drop 1girl/1boy/solo: every crop is one person anyway
+    fold_generic: bool = False  # 1girl/1boy/solo are core candidates (pruned when frequent)
+    fold_species: bool = True  # species tags (horse_girl) are core candidates
     extra_blacklist: tuple[str, ...] = ()  # e.g. the index row's banned tags
     max_clusters: int = 4
     cluster_tag_share: float = 0.5  # a tag describes a cluster when this share of it has it
+    outfit_triggers: bool = False
+    outfit_trigger_min_images: int = 8  # distinct pictures of the outfit (seed 003: 8)
+    outfit_trigger_max_tags: int = 4  # garments named in an outfit trigger
 
     def __post_init__(self) -> None:
         if self.style not in CAPTION_STYLES:
@@ -74,18 +90,30 @@ class CaptionConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
-        if self.max_clusters < 1:
-            raise ValueError(f"max_clusters must be at least 1, got {self.max_clusters}")
+        for name in ("max_clusters", "outfit_trigger_min_images", "outfit_trigger_max_tags"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def is_core_candidate(self, tag: str) -> bool:
+        if tag in GENERIC_TAGS:
+            return self.fold_generic
+        return is_feature_tag(tag, include_species=self.fold_species)
 
 
 @dataclass
 class CaptionResult:
-    # crop_sha256, caption, tags (caption tags after the trigger), tag_scores (JSON of
-    # every cleaned tag -> score, core tags included), characters (JSON), cluster
+    # crop_sha256, caption, outfit_trigger, tags (caption tags after the triggers),
+    # tag_scores (JSON: every cleaned tag -> score, core tags included), tagger_tags
+    # (JSON: the tagger's tags above the threshold before cleaning), characters (JSON),
+    # cluster
     table: pd.DataFrame
     core_tags: list[str]
-    clusters: pd.DataFrame  # cluster, size, tags (its frequent outfit tags)
+    # cluster, size (crops), images (distinct pictures of its body crops), tags (its
+    # frequent outfit tags), folded_tags (pruned into a trigger), trigger (outfit
+    # trigger, "" if none)
+    clusters: pd.DataFrame
     tag_frequency: dict[str, int] = field(default_factory=dict)  # caption token -> count
+    core_share: dict[str, float] = field(default_factory=dict)  # core tag -> share of crops
 
 
 def caption_dataset(
@@ -108,26 +136,51 @@ def caption_dataset(
     trigger = canonical_tag(trigger_word)
 
     scored = [_cleaned_scores(prediction, trigger, config) for prediction in predictions]
-    core = core_tags([list(scores) for scores in scored], config.core_threshold)
+    core = core_tags([list(scores) for scores in scored], config.core_threshold, config.is_core_candidate)
     core_set = set(core)
+    labels, clusters = outfit_clusters(crops, scored, core_set, config)
+    clusters = fold_outfits(clusters, config)
+    kinds = crops["kind"].astype(str).to_numpy() if "kind" in crops.columns else np.full(len(crops), "full")
 
-    captions, caption_tags = [], []
-    for scores in scored:
-        kept = [tag for tag in scores if not _pruned(tag, core_set, config.style)]
+    folded_by_cluster = dict(zip(clusters["cluster"], clusters["folded_tags"], strict=True))
+    trigger_by_cluster = dict(zip(clusters["cluster"], clusters["trigger"], strict=True))
+    captions, caption_tags, outfit_triggers = [], [], []
+    for scores, cluster, kind in zip(scored, labels, kinds, strict=True):
+        folded, cluster_trigger = folded_by_cluster[cluster], trigger_by_cluster[cluster]
+        # An outfit trigger goes on body crops only (a head crop barely shows the
+        # outfit) and takes the garments only where it is written; static's dominant
+        # outfit (no trigger of its own) folds into the character's on all its crops.
+        outfit_trigger = cluster_trigger if kind != "head" else ""
+        if config.style == "fluid":
+            pruned: set[str] = set()
+        elif outfit_trigger or not cluster_trigger:
+            pruned = core_set | set(folded)
+        else:
+            pruned = core_set
+        kept = [tag for tag in scores if tag not in pruned]
         if config.style == "fluid":  # core tags right after the trigger, in core order
             kept = [t for t in core if t in scores] + [t for t in kept if t not in core_set]
         caption_tags.append(kept)
-        captions.append(
-            ", ".join(escape_for_prompt(t, config.remove_underscores) for t in [trigger, *kept])
-        )
+        outfit_triggers.append(outfit_trigger)
+        words = [escape_for_prompt(trigger, config.remove_underscores)]
+        if outfit_trigger:  # one token sequence of its own: underscores kept
+            words.append(escape_for_prompt(outfit_trigger, remove_underscores=False))
+        words += [escape_for_prompt(t, config.remove_underscores) for t in kept]
+        captions.append(", ".join(words))
 
-    clusters, cluster_table = outfit_clusters(crops, scored, core_set, config)
+    counts = Counter(tag for scores in scored for tag in scores)
     table = pd.DataFrame(
         {
             "crop_sha256": crops["crop_sha256"].astype(str).to_numpy(),
             "caption": captions,
+            "outfit_trigger": outfit_triggers,
             "tags": caption_tags,
             "tag_scores": [json.dumps(s) for s in scored],
+            "tagger_tags": [
+                json.dumps({normalise_tag(t): round(float(v), 4) for t, v in p.general.items()
+                            if v >= config.general_threshold})
+                for p in predictions
+            ],
             "characters": [
                 json.dumps(
                     {canonical_tag(t): round(float(v), 4) for t, v in p.character.items()
@@ -135,10 +188,11 @@ def caption_dataset(
                 )
                 for p in predictions
             ],
-            "cluster": clusters,
+            "cluster": labels,
         }
     )
-    return CaptionResult(table, core, cluster_table, tag_frequency(captions))
+    share = {tag: round(counts[tag] / len(scored), 4) for tag in core}
+    return CaptionResult(table, core, clusters, tag_frequency(captions), share)
 
 
 def _cleaned_scores(prediction: TagPrediction, trigger: str, config: CaptionConfig) -> dict[str, float]:
@@ -152,30 +206,71 @@ def _cleaned_scores(prediction: TagPrediction, trigger: str, config: CaptionConf
     # other character's is tagger noise (or contamination the cleaning missed).
     banned = (*config.extra_blacklist, trigger, *prediction.character)
     ordered = sorted(scores, key=lambda t: (-scores[t], t))
-    kept = clean_tags(ordered, extra_blacklist=banned, fold_generic=config.fold_generic)
+    kept = clean_tags(ordered, extra_blacklist=banned)
     return {tag: round(scores[tag], 4) for tag in kept}
 
 
-def _pruned(tag: str, core: set[str], style: CaptionStyle) -> bool:
-    if style == "static":
-        return is_feature_tag(tag)
-    return tag in core  # semi-static prunes them; fluid re-adds them after the trigger
-
-
-def core_tags(tag_lists: Sequence[Iterable[str]], threshold: float) -> list[str]:
-    """Feature tags present in at least `threshold` of the lists, most frequent first."""
+def core_tags(
+    tag_lists: Sequence[Iterable[str]],
+    threshold: float,
+    is_candidate: Callable[[str], bool] = is_feature_tag,
+) -> list[str]:
+    """Candidate (by default: feature) tags present in at least `threshold` of the
+    lists, most frequent first."""
     if not tag_lists:
         return []
-    counts = Counter(tag for tags in tag_lists for tag in set(tags) if is_feature_tag(tag))
+    counts = Counter(tag for tags in tag_lists for tag in set(tags) if is_candidate(tag))
     needed = threshold * len(tag_lists)
     return sorted((t for t, n in counts.items() if n >= needed), key=lambda t: (-counts[t], t))
 
 
+def fold_outfits(clusters: pd.DataFrame, config: CaptionConfig) -> pd.DataFrame:
+    """`clusters` with `folded_tags` and `trigger` columns (see the module docstring).
+
+    A cluster's own garments are its frequent garment tags (footwear excepted) that no
+    other cluster lists. The static style folds cluster 0's (the biggest) into the
+    character trigger; with outfit triggers, every other cluster of at least
+    `outfit_trigger_min_images` pictures that has own garments gets a trigger.
+    """
+    garments = {
+        int(row.cluster): [t for t in row.tags if is_garment_tag(t)] for row in clusters.itertuples()
+    }
+    owners = Counter(tag for tags in garments.values() for tag in set(tags))
+    own = {cluster: [t for t in tags if owners[t] == 1] for cluster, tags in garments.items()}
+    folded: dict[int, list[str]] = {cluster: [] for cluster in own}
+    triggers: dict[int, str] = {cluster: "" for cluster in own}
+    if config.style == "static" and own:
+        folded[0] = own[0]
+    # One outfit alone: its trigger would learn what the character's learns (seed 003).
+    if config.outfit_triggers and len(clusters) >= 2:
+        for row in clusters.itertuples():
+            cluster = int(row.cluster)
+            if folded[cluster] or not own[cluster] or row.images < config.outfit_trigger_min_images:
+                continue
+            folded[cluster] = own[cluster]
+            triggers[cluster] = outfit_trigger_name(own[cluster], config.outfit_trigger_max_tags)
+    out = clusters.copy()
+    out["folded_tags"] = [folded[int(c)] for c in out["cluster"]]
+    out["trigger"] = [triggers[int(c)] for c in out["cluster"]]
+    return out
+
+
+def outfit_trigger_name(garments: Sequence[str], max_tags: int = 4) -> str:
+    """Seed 003's outfit trigger: the garments, most visible (frequent) first and cut
+    or exposure modifiers last (`yellow_short_kimono_obi_sleeveless`)."""
+    named = [t for t in garments if t not in OUTFIT_MODIFIERS][:max_tags]
+    named += [t for t in garments if t in OUTFIT_MODIFIERS][: max(0, max_tags - len(named))]
+    if not named:
+        raise ValueError("an outfit trigger needs at least one garment tag")
+    return "_".join(named)
+
+
 def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
-    """How many captions hold each comma-separated token (kohya's ss_tag_frequency)."""
+    """Token counts as sd-scripts records them in `ss_tag_frequency`: every
+    comma-separated token of every caption, lower-cased; most frequent first."""
     counts: Counter[str] = Counter()
     for caption in captions:
-        counts.update({token.strip() for token in caption.split(",") if token.strip()})
+        counts.update(token.strip().lower() for token in caption.split(",") if token.strip())
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
@@ -210,14 +305,28 @@ def outfit_clusters(
         labels[body] = _relabel_by_size(_split_by_confirmed_tags(presence[body], config.max_clusters))
     _assign_heads(crops, kinds, labels, presence, body)
 
+    # Pictures, not crops, measure how many views of an outfit there are: the full and
+    # upper crops of one picture show it from the same angle.
+    pictures = (
+        crops["source_sha256"].astype(str).to_numpy()
+        if "source_sha256" in crops.columns
+        else crops["crop_sha256"].astype(str).to_numpy()
+    )
     rows = []
     for cluster in range(int(labels.max()) + 1 if count else 0):
         members = [i for i in np.flatnonzero(labels == cluster) if kinds[i] != "head"]
         seen = Counter(t for i in members for t in scored[i] if t not in core and is_outfit_candidate(t))
         needed = config.cluster_tag_share * max(1, len(members))
         frequent = sorted((t for t, n in seen.items() if n >= needed), key=lambda t: (-seen[t], t))
-        rows.append({"cluster": cluster, "size": int((labels == cluster).sum()), "tags": frequent})
-    return labels, pd.DataFrame(rows, columns=["cluster", "size", "tags"])
+        rows.append(
+            {
+                "cluster": cluster,
+                "size": int((labels == cluster).sum()),
+                "images": len({pictures[i] for i in members}),
+                "tags": frequent,
+            }
+        )
+    return labels, pd.DataFrame(rows, columns=["cluster", "size", "images", "tags"])
 
 
 def _split_by_confirmed_tags(presence: np.ndarray, max_clusters: int) -> np.ndarray:

@@ -8,6 +8,9 @@
 - feature tags: what the character always looks like (hair, eyes, ears, horns, skin...);
   these are the candidates for "core" tags that the trigger word absorbs. Breast size is
   never a feature: it is not identity, and pruning it would bake it into the trigger.
+  Species tags (`horse_girl`) are features unless the caption options say otherwise.
+- garments: clothing and worn accessories, what an outfit trigger may absorb; footwear
+  never is (seed 003: shoes in an outfit trigger push every picture to full body).
 
 Tags are handled in booru form (`white_shirt`, `manhattan_cafe_(umamusume)`);
 `escape_for_prompt` produces the prompt form (`manhattan cafe \\(umamusume\\)`).
@@ -36,8 +39,8 @@ BLACKLIST: frozenset[str] = frozenset(
     jpeg_artifacts image_sample variant_set third-party_edit revision""".split()
 )
 
-# Count/solo tags: every crop of a character LoRA is one person, so they carry nothing
-# the trigger does not; `fold_generic` drops them.
+# Count/solo tags: every crop of a character LoRA is one person, so they may fold into
+# the trigger like features (the caption option `fold_generic`).
 GENERIC_TAGS: frozenset[str] = frozenset({"1girl", "1boy", "1other", "solo"})
 
 SYNONYMS: dict[str, str] = {
@@ -103,6 +106,34 @@ _NEVER_FEATURE_WORDS: frozenset[str] = frozenset(
     """breasts breast chest pubic armpit nipples areolae crotch ass butt""".split()
 )
 _SPECIES = re.compile(r"^(?P<animal>[a-z]+)_(girl|boy)$")
+
+# Seed 003: "never fold shoes into the outfits": an outfit trigger that carries the
+# shoes makes the model frame every picture full body to show them.
+_FOOTWEAR_WORDS: frozenset[str] = frozenset(
+    """shoes shoe boots boot footwear heels sandals sneakers loafers slippers geta zouri
+    pumps uwabaki""".split()
+)
+_FOOTWEAR_TAGS: frozenset[str] = frozenset({"mary_janes", "high_heels", "barefoot"})
+# Words naming a piece of clothing or an accessory worn with it: only these fold into an
+# outfit (a smile or a cup is frequent in a cluster without being part of the outfit).
+_GARMENT_WORDS: frozenset[str] = frozenset(
+    """shirt blouse skirt dress jacket coat hat cap beret hood hoodie sweater cardigan vest
+    necktie tie bowtie ascot choker collar sleeves uniform serafuku kimono yukata hakama
+    haori obi sash apron cape capelet cloak scarf shawl gloves mittens pantyhose
+    thighhighs kneehighs socks legwear leggings garter garters shorts pants trousers
+    jeans overalls suspenders belt buckle buttons zipper pocket ribbon bow brooch
+    necklace pendant earrings jewelry bracelet wristband armband armlet veil tiara crown
+    headwear headdress headpiece helmet mask goggles glasses eyewear armor pauldrons
+    gauntlets bikini swimsuit leotard bodysuit camisole top bra corset bustier tunic
+    robe gown jersey epaulettes neckerchief sailor tabard harness cutout lingerie""".split()
+)
+# Cut and exposure words: written last in an outfit trigger (seed 003's advice), as
+# they modify the outfit rather than name a piece of it.
+OUTFIT_MODIFIERS: frozenset[str] = frozenset(
+    """sleeveless strapless halterneck highleg detached_sleeves off-shoulder_dress
+    bare_shoulders backless_outfit midriff navel_cutout cleavage_cutout clothing_cutout
+    short_sleeves long_sleeves puffy_sleeves wide_sleeves""".split()
+)
 
 # Tags about the framing, the gaze or the scene rather than what the character wears:
 # crops of one picture differ in framing (full_body / upper_body / portrait), so
@@ -176,16 +207,25 @@ def is_blacklisted(tag: str) -> bool:
     return tag in BLACKLIST
 
 
-def is_feature_tag(tag: str) -> bool:
-    """Whether `tag` describes the character's body or hair (a core-tag candidate)."""
+def is_species_tag(tag: str) -> bool:
+    """`horse_girl`, `fox_boy`...: the character's species, said as a person count."""
+    species = _SPECIES.match(normalise_tag(tag))
+    return species is not None and species.group("animal") in ANIMALS
+
+
+def is_feature_tag(tag: str, include_species: bool = True) -> bool:
+    """Whether `tag` describes the character's body or hair (a core-tag candidate).
+
+    Species tags (`horse_girl`) count unless `include_species` is False: whether the
+    trigger word absorbs them is a caption option (`CaptionConfig.fold_species`).
+    """
     tag = normalise_tag(tag)
     words = set(re.split(r"[_\-]", tag))
     if words & _NEVER_FEATURE_WORDS or words & _NOT_FEATURE_WORDS:
         return False
     if tag in _FEATURE_TAGS or words & _FEATURE_WORDS:
         return True
-    species = _SPECIES.match(tag)
-    return species is not None and species.group("animal") in ANIMALS
+    return include_species and is_species_tag(tag)
 
 
 def is_outfit_candidate(tag: str) -> bool:
@@ -194,6 +234,20 @@ def is_outfit_candidate(tag: str) -> bool:
     if tag in GENERIC_TAGS or tag in _NOT_OUTFIT_TAGS or is_feature_tag(tag):
         return False
     return not set(tag.split("_")) & _NOT_OUTFIT_WORDS
+
+
+def is_footwear_tag(tag: str) -> bool:
+    tag = normalise_tag(tag)
+    return tag in _FOOTWEAR_TAGS or bool(set(re.split(r"[_\-]", tag)) & _FOOTWEAR_WORDS)
+
+
+def is_garment_tag(tag: str) -> bool:
+    """Whether `tag` names clothing or an accessory worn with it (not footwear): what an
+    outfit trigger, or the static style's character trigger, may absorb."""
+    tag = normalise_tag(tag)
+    if not is_outfit_candidate(tag) or is_footwear_tag(tag):
+        return False
+    return tag in OUTFIT_MODIFIERS or bool(set(re.split(r"[_\-]", tag)) & _GARMENT_WORDS)
 
 
 def escape_for_prompt(tag: str, remove_underscores: bool = True) -> str:
@@ -208,12 +262,8 @@ def escape_for_prompt(tag: str, remove_underscores: bool = True) -> str:
     return _UNESCAPED_BRACKET.sub(r"\\\1", text)
 
 
-def clean_tags(
-    tags: Iterable[str], extra_blacklist: Iterable[str] = (), fold_generic: bool = False
-) -> list[str]:
+def clean_tags(tags: Iterable[str], extra_blacklist: Iterable[str] = ()) -> list[str]:
     """Canonical, de-duplicated, blacklist-free tags with implied ones dropped, in order."""
     banned = set(BLACKLIST) | {canonical_tag(t) for t in extra_blacklist}
-    if fold_generic:
-        banned |= GENERIC_TAGS
     canonical = [canonical_tag(tag) for tag in tags]
     return drop_implied([tag for tag in canonical if tag and tag not in banned])

@@ -64,12 +64,7 @@ SOURCE_LEVEL = -1  # person_index of a drop that concerns the whole picture
 
 @dataclass(frozen=True)
 class CleaningConfig:
-    """Every threshold of the chain, defaulted for real booru data.
-
-    The demo booru draws every figure of an outfit identically (only scale and
-    background change), so its person crops are near duplicates by construction: run
-    the demo with `person_phash_max_distance=None` or it keeps ~one person per outfit.
-    """
+    """Every threshold of the chain, defaulted for real booru data."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS  # quarantine pictures declaring more pixels
     max_area: int = DEFAULT_MAX_AREA  # scale bigger pictures down to this area

@@ -127,7 +127,7 @@ BOY_GARMENTS = ("pants",)
 TAGGER_CHARACTERS: tuple[DemoCharacter, ...] = DEMO_CHARACTERS + UNRELATED_CHARACTERS
 
 RATING_TAGS = ("general", "sensitive", "questionable", "explicit")
-# Ratings follow the share of skin among figure pixels (demo figures show ~20-35%).
+# Ratings follow the share of skin among figure pixels (demo figures show ~10-35%).
 RATING_SKIN_SHARES = {"sensitive": 0.6, "questionable": 0.75, "explicit": 0.9}
 
 DETECTOR_LABELS = {"tiny-person": "person", "tiny-halfbody": "halfbody", "tiny-head": "head", "tiny-face": "face"}

@@ -144,6 +144,6 @@ def test_dataset_size_rules():
 
 def test_config_validation_names_every_problem():
     with pytest.raises(ValueError) as error:
-        TrainingConfig(optimizer="prodigy", batch_size=0, caption_dropout=1.5)
+        TrainingConfig(optimizer="sgd", batch_size=0, caption_dropout=1.5)
     message = str(error.value)
-    assert "optimizer 'prodigy'" in message and "batch_size" in message and "caption_dropout" in message
+    assert "optimizer 'sgd'" in message and "batch_size" in message and "caption_dropout" in message

@@ -80,7 +80,7 @@ def test_alpha_mismatch_and_missing_adapters_are_refused(trained_base, tiny_sd):
     with pytest.raises(ValueError, match="differs from the expected 8"):
         peft_to_kohya_state_dict(trained_base.unet, None, alpha=8)
     plain = load_base_model(tiny_sd, device="cpu")
-    with pytest.raises(ValueError, match="no LoRA layers"):
+    with pytest.raises(ValueError, match="no adapter layers"):
         peft_to_kohya_state_dict(plain.unet, plain.text_encoder)
 
 

@@ -1,9 +1,14 @@
-"""End to end: a 4-step LoRA run on the tiny base, its files, re-runs and resumption."""
+"""End to end: a 4-step LoRA run on the tiny base, its files, re-runs and resumption after SIGKILL."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,12 +17,15 @@ from PIL import Image
 
 from lora_factory.training.config import TrainingConfig
 from lora_factory.training.dataset import TrainingExample
+from lora_factory.training.job import TrainingJob
 from lora_factory.training.kohya_format import kohya_module_name, read_kohya_lora
 from lora_factory.training.tiny_sd import build_tiny_sd15
 from lora_factory.training.train import MANIFEST_NAME, STATE_DIR_NAME, STATE_FILE_NAME, train_lora
 
 CONFIG = TrainingConfig(rank=4, alpha=2, max_train_steps=4, save_every_n_steps=2, log_every_n_steps=1, batch_size=4)
 TRIGGER = "tiny_char"
+TAG_FREQUENCY = {"red_hair": 8, "solo": 8}
+DATASET_DIRS = {f"1_{TRIGGER}": {"n_repeats": 1, "img_count": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +55,8 @@ def _train(tiny_sd, examples, output_dir, log):
         CONFIG,
         output_name=TRIGGER,
         trigger_word=TRIGGER,
-        tag_frequency={"red_hair": 8, "solo": 8},
-        dataset_dirs={f"1_{TRIGGER}": {"n_repeats": 1, "img_count": 8}},
+        tag_frequency=TAG_FREQUENCY,
+        dataset_dirs=DATASET_DIRS,
         log=log,
         device="cpu",
     )
@@ -130,29 +138,46 @@ def test_same_run_again_trains_nothing(trained, tiny_sd, examples):
     assert {c.path: c.path.stat().st_mtime_ns for c in checkpoints} == before
 
 
-class Killed(Exception):
-    pass
-
-
-def test_interrupted_run_resumes_to_the_same_result(trained, tiny_sd, examples, tmp_path):
+def test_sigkilled_training_process_resumes_to_the_same_weights(trained, tiny_sd, examples, tmp_path):
+    """A real `python -m lora_factory.training` process, SIGKILLed after its first saved
+    state, is started again: it resumes, and ends bit-identical to the uninterrupted run."""
     _, uninterrupted, _ = trained
-
-    def die_after_first_save(message: str) -> None:
-        if "step 3/4" in message:
-            raise Killed(message)
-
-    with pytest.raises(Killed):
-        _train(tiny_sd, examples, tmp_path, die_after_first_save)
-    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["status"] == "running"
-    assert (tmp_path / STATE_DIR_NAME / STATE_FILE_NAME).is_file()
-    assert not (tmp_path / f"{TRIGGER}-000004.safetensors").exists()
+    job = TrainingJob(
+        base_source=str(tiny_sd),
+        examples=examples,
+        output_dir=str(tmp_path / "run"),
+        config=CONFIG,
+        output_name=TRIGGER,
+        trigger_word=TRIGGER,
+        tag_frequency=TAG_FREQUENCY,
+        dataset_dirs=DATASET_DIRS,
+        device="cpu",
+    )
+    job_file = tmp_path / "job.json"
+    job_file.write_text(job.to_json())
+    state = tmp_path / "run" / STATE_DIR_NAME / STATE_FILE_NAME
+    with open(tmp_path / "killed.log", "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lora_factory.training", str(job_file)], stdout=output, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 300
+        while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_log = (tmp_path / "killed.log").read_text()
+    assert process.returncode == -signal.SIGKILL and state.exists(), killed_log
+    assert "saved tiny_char-000002.safetensors" in killed_log
+    assert not (tmp_path / "run" / f"{TRIGGER}-000004.safetensors").exists(), "finished before the kill"
+    assert json.loads((tmp_path / "run" / MANIFEST_NAME).read_text())["status"] == "running"
 
     messages: list[str] = []
-    resumed = _train(tiny_sd, examples, tmp_path, messages.append)
-    assert any("resuming" in message for message in messages)
+    resumed = TrainingJob.from_json(job_file.read_text()).run(log=messages.append)
+    assert any("resuming the interrupted run" in message for message in messages)
     assert not any("step 1/4" in message or "step 2/4" in message for message in messages)
     # Seeded by position, restored optimizer and batch order: bit-identical to the uninterrupted run.
-    assert [c.sha256 for c in resumed] == [c.sha256 for c in uninterrupted]
+    assert [(c.step, c.sha256) for c in resumed] == [(c.step, c.sha256) for c in uninterrupted]
+    assert not state.exists()
 
 
 def test_changed_inputs_replace_the_previous_run(tiny_sd, examples, tmp_path):

@@ -27,46 +27,61 @@ TINY_MODEL_SAVE_EVERY = 24
 
 
 class TrainingSettings(dg.Config):
-    """Training knobs; 0 means "from the dataset size" (DESIGN §4 rules)."""
+    """Training knobs; 0 means "decided for you": rank, alpha and the training length from
+    the dataset size (DESIGN §4), learning rates from the optimizer."""
 
+    network_type: str = "lora"  # lora | loha | lokr (LyCORIS layout)
     rank: int = 0
     alpha: float = 0.0
+    lokr_factor: int = -1
     max_train_steps: int = 0
+    max_train_epochs: int = 0
     save_every_n_steps: int = 0
     batch_size: int = 4
-    unet_learning_rate: float = 1e-4
-    text_encoder_learning_rate: float = 5e-5
+    optimizer: str = "adamw"  # adamw (8-bit with bitsandbytes on a GPU) | adamw8bit | prodigy
+    unet_learning_rate: float = 0.0
+    text_encoder_learning_rate: float = 0.0
     train_text_encoder: bool = True
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 0
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
+    input_perturbation: float = 0.0
     caption_shuffle: bool = True
     caption_dropout: float = 0.0
     flip: bool = False
     mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
     seed: int = 0
 
     def training_config(self, resolution: int, clip_skip: int, tiny_base: bool) -> TrainingConfig:
-        steps = self.max_train_steps or (TINY_MODEL_STEPS if tiny_base else None)
+        steps = self.max_train_steps or None
+        if steps is None and not self.max_train_epochs and tiny_base:
+            steps = TINY_MODEL_STEPS
         save_every = self.save_every_n_steps or (TINY_MODEL_SAVE_EVERY if tiny_base else None)
         return TrainingConfig(
+            network_type=self.network_type,
             rank=self.rank or None,
             alpha=self.alpha or None,
+            lokr_factor=self.lokr_factor,
             max_train_steps=steps,
+            max_train_epochs=self.max_train_epochs or None,
             save_every_n_steps=save_every,
             batch_size=self.batch_size,
-            unet_learning_rate=self.unet_learning_rate,
-            text_encoder_learning_rate=self.text_encoder_learning_rate,
+            optimizer=self.optimizer,
+            unet_learning_rate=self.unet_learning_rate or None,
+            text_encoder_learning_rate=self.text_encoder_learning_rate or None,
             train_text_encoder=self.train_text_encoder,
             lr_scheduler=self.lr_scheduler,
             lr_warmup_steps=self.lr_warmup_steps,
             min_snr_gamma=self.min_snr_gamma or None,
             noise_offset=self.noise_offset,
+            input_perturbation=self.input_perturbation,
             caption_shuffle=self.caption_shuffle,
             caption_dropout=self.caption_dropout,
             flip=self.flip,
             mixed_precision=self.mixed_precision,
+            gradient_checkpointing=self.gradient_checkpointing,
             resolution=resolution,
             clip_skip=clip_skip,
             seed=self.seed,
@@ -76,13 +91,14 @@ class TrainingSettings(dg.Config):
 @dg.asset(
     partitions_def=characters_partitions,
     group_name="training",
-    code_version="1",
+    code_version="2",
     deps=[buckets],
     pool="gpu",
     description=(
-        "A LoRA (peft, trained with Lightning on the base model) saved every N steps in "
-        "kohya format with ss_* metadata, loadable by AUTOMATIC1111, ComfyUI, kohya and "
-        "diffusers. Runs in the `gpu` concurrency pool; a killed run resumes."
+        "A LoRA / LoHa / LoKr (peft, trained with Lightning on the base model) saved every N "
+        "steps in kohya / LyCORIS format with ss_* metadata, loadable by AUTOMATIC1111, ComfyUI "
+        "and kohya (LoRA also by diffusers). Runs in the `gpu` concurrency pool, one GPU per "
+        "run; a killed run resumes from its last saved state."
     ),
 )
 def lora_checkpoints(
@@ -140,6 +156,8 @@ def lora_checkpoints(
             },
             log=context.log.info,
             latent_cache_dir=stage.store.root / "cache" / "latents",
+            # Several GPUs: each concurrent run (the `gpu` pool) claims a different one.
+            gpu_lock_dir=stage.store.root / "locks" / "gpu",
         )
         table = pd.DataFrame(
             [
@@ -149,11 +167,16 @@ def lora_checkpoints(
         )
         write_table(table, table_path)
         stage.finish(fingerprint(list(table["sha256"])), {"checkpoints": len(table)})
+    from lora_factory.training.train import MANIFEST_NAME
+
     table = read_table(table_path)
     final = Path(table["path"].iloc[-1])
+    run = json.loads((output_dir / MANIFEST_NAME).read_text())
     return stage.result(
         {
             "dagster/row_count": len(table),
+            # The resolved settings that really ran (rank, steps, learning rates, optimizer).
+            "training_config": dg.MetadataValue.json(run["config"]),
             "checkpoints": table_metadata(table[["step", "epoch", "sha256", "path"]]),
             "final_checkpoint": dg.MetadataValue.path(str(final)),
             "output_dir": dg.MetadataValue.path(str(output_dir)),

@@ -81,8 +81,10 @@ def load_base_model(
 ) -> BaseModel:
     """Load an SD1.5 diffusers folder or single `.safetensors` file, all weights frozen.
 
-    `dtype` defaults to fp32 on CPU and bf16/fp16 on GPU (the VAE stays fp32: it only
-    encodes training images once and half-precision VAEs can overflow). `config` is only
+    `dtype` defaults to fp32 on CPU and bf16/fp16 on GPU. The VAE follows bf16 but stays
+    fp32 under fp16: SD1.5-family VAEs overflow to NaN in fp16 (A1111's --no-half-vae),
+    never in bf16, whose range is fp32's. Attention runs through torch's scaled-dot-product
+    attention (flash / memory-efficient kernels on GPUs). `config` is only
     used for single files: an SD1.5 diffusers folder that supplies the configuration.
     `clip_skip` is checked against the text encoder's depth here, so that a wrong value
     fails before training starts. `weights_sha256` skips re-hashing weights that the caller
@@ -93,6 +95,7 @@ def load_base_model(
     path = Path(source).expanduser()
     device = torch.device(device) if device is not None else pick_device()
     dtype = dtype or default_dtype(device)
+    vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     if not path.exists():
         raise BaseModelError(
             f"base model {str(source)!r} not found: give an SD1.5 diffusers folder or a .safetensors file"
@@ -105,7 +108,7 @@ def load_base_model(
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=True,
-            dtype={"default": dtype, "vae": torch.float32},
+            dtype={"default": dtype, "vae": vae_dtype},
         )
     elif path.suffix == ".safetensors":
         pipeline = _load_single_file(path, config, dtype)
@@ -126,12 +129,22 @@ def load_base_model(
         source=str(path),
     )
     check_clip_skip(base.text_encoder, clip_skip)
-    base.vae.float()  # `float()` rather than `to(dtype)`: diffusers warns on the latter
+    if vae_dtype == torch.float32:
+        base.vae.float()  # `float()` rather than `to(dtype)`: diffusers warns on the latter
+    use_sdpa_attention(base)
     for module in (base.unet, base.text_encoder, base.vae):
         module.requires_grad_(False)
         module.to(device)
         module.eval()
     return base
+
+
+def use_sdpa_attention(base: BaseModel) -> None:
+    """Route the UNet's and text encoder's attention through torch's fused SDPA kernels."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    base.unet.set_attn_processor(AttnProcessor2_0())
+    base.text_encoder.set_attn_implementation("sdpa")
 
 
 def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype):

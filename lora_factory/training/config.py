@@ -6,7 +6,10 @@ that ten thousand characters can be trained without hand-tuning each one:
 - rank (network dim) grows with the number of images, inside the seeds' 4..32 range, and
   alpha is half the rank (the seeds' "alpha half of rank or less");
 - the number of epochs follows CyberHarem's idea that small datasets need many passes and
-  big ones few (`EPOCHS_BY_DATASET_SIZE`); the step budget is epochs x batches per pass;
+  big ones few (`EPOCHS_BY_DATASET_SIZE`); the step budget is epochs x batches per pass
+  (or `max_train_epochs` passes over the repeated samples, or `max_train_steps`);
+- learning rates follow the optimizer: AdamW's usual 1e-4 (UNet) / 5e-5 (text encoder),
+  Prodigy's 1.0 (it estimates the step size itself; the rate only scales its estimate);
 - checkpoints are saved about `TARGET_CHECKPOINTS` times per run, so that the step picker
   downstream has a curve to choose from whatever the run's length.
 """
@@ -37,7 +40,14 @@ RANK_ABOVE_TABLE = 32
 
 TARGET_CHECKPOINTS = 10
 
-OPTIMIZERS = ("adamw",)
+# "adamw" is bitsandbytes' 8-bit AdamW when bitsandbytes and a GPU are present (a quarter of
+# the optimizer memory), torch's AdamW otherwise; "adamw8bit" insists on the 8-bit one.
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+# (UNet, text encoder) learning rates when none are given.
+DEFAULT_LEARNING_RATES = {"adamw": (1e-4, 5e-5), "adamw8bit": (1e-4, 5e-5), "prodigy": (1.0, 1.0)}
+# LoRA (kohya's networks.lora), LoHa (Hadamard product) and LoKr (Kronecker product), the
+# last two written in LyCORIS' layout.
+NETWORK_TYPES = ("lora", "loha", "lokr")
 LR_SCHEDULERS = ("constant", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
@@ -72,23 +82,27 @@ def rank_for_dataset(n_images: int) -> int:
 
 @dataclass(frozen=True)
 class TrainingConfig:
+    network_type: str = "lora"
     rank: int | None = None  # None: from the dataset size (4..32)
     alpha: float | None = None  # None: rank / 2
-    unet_learning_rate: float = 1e-4
-    text_encoder_learning_rate: float = 5e-5
-    train_text_encoder: bool = True  # kohya's LoRA trains both by default
+    lokr_factor: int = -1  # LoKr's Kronecker factor; -1: the factor nearest the square root
+    unet_learning_rate: float | None = None  # None: the optimizer's default
+    text_encoder_learning_rate: float | None = None
+    train_text_encoder: bool = True  # kohya's LoRA trains both by default; False: UNet only
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 0
     batch_size: int = 4
-    max_train_steps: int | None = None  # None: from the dataset size (steps_for_dataset)
+    max_train_steps: int | None = None  # None: max_train_epochs, else from the dataset size
+    max_train_epochs: int | None = None  # passes over the repeated samples; exclusive with steps
     save_every_n_steps: int | None = None  # None: about TARGET_CHECKPOINTS saves per run
     log_every_n_steps: int = 10
     resolution: int = 512  # the bucketing resolution; recorded in the LoRA's metadata
     seed: int = 0
     min_snr_gamma: float | None = 5.0  # None or 0 disables min-SNR weighting
     noise_offset: float = 0.0
+    input_perturbation: float = 0.0  # extra noise on the model input only (Ning et al. 2023); ~0.1
     caption_shuffle: bool = True
     keep_tokens: int = 1  # the trigger word stays first when captions are shuffled
     caption_dropout: float = 0.0
@@ -105,6 +119,14 @@ class TrainingConfig:
             problems.append(f"rank must be >= 1, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
             problems.append(f"alpha must be > 0, got {self.alpha}")
+        if self.network_type not in NETWORK_TYPES:
+            problems.append(f"network_type {self.network_type!r} is not one of {NETWORK_TYPES}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            problems.append(f"lokr_factor must be -1 (automatic) or >= 1, got {self.lokr_factor}")
+        for name in ("unet_learning_rate", "text_encoder_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} must be > 0, got {value}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -115,10 +137,15 @@ class TrainingConfig:
             problems.append(f"save_precision {self.save_precision!r} is not one of {SAVE_PRECISIONS}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("max_train_steps", "save_every_n_steps"):
+        for name in ("max_train_steps", "max_train_epochs", "save_every_n_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1, got {value}")
+        if self.max_train_steps is not None and self.max_train_epochs is not None:
+            problems.append("give max_train_steps or max_train_epochs, not both")
+        for name in ("noise_offset", "input_perturbation"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.log_every_n_steps < 1:
             problems.append(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -130,17 +157,43 @@ class TrainingConfig:
         if problems:
             raise ValueError("invalid TrainingConfig: " + "; ".join(problems))
 
-    def resolved(self, n_images: int) -> TrainingConfig:
-        """A copy with every dataset-dependent field (None) decided for `n_images` images."""
+    def resolved(self, n_images: int, batches_per_epoch: int | None = None) -> TrainingConfig:
+        """A copy with every dataset-dependent field (None) decided for `n_images` images.
+
+        `batches_per_epoch` (of the bucket sampler, repeats included) turns
+        `max_train_epochs` into steps; without it an epoch is ceil(n_images / batch_size).
+        """
         rank = self.rank if self.rank is not None else rank_for_dataset(n_images)
         alpha = self.alpha if self.alpha is not None else rank / 2
-        steps = self.max_train_steps or steps_for_dataset(n_images, self.batch_size)
+        if self.max_train_steps is not None:
+            steps = self.max_train_steps
+        elif self.max_train_epochs is not None:
+            steps = self.max_train_epochs * (batches_per_epoch or math.ceil(n_images / self.batch_size))
+        else:
+            steps = steps_for_dataset(n_images, self.batch_size)
         save_every = self.save_every_n_steps or max(1, math.ceil(steps / TARGET_CHECKPOINTS))
-        return replace(self, rank=rank, alpha=alpha, max_train_steps=steps, save_every_n_steps=save_every)
+        unet_lr, text_encoder_lr = DEFAULT_LEARNING_RATES[self.optimizer]
+        return replace(
+            self,
+            rank=rank,
+            alpha=alpha,
+            max_train_steps=steps,
+            max_train_epochs=None,  # now counted in steps
+            save_every_n_steps=save_every,
+            unet_learning_rate=self.unet_learning_rate or unet_lr,
+            text_encoder_learning_rate=self.text_encoder_learning_rate or text_encoder_lr,
+        )
 
     @property
     def is_resolved(self) -> bool:
-        return None not in (self.rank, self.alpha, self.max_train_steps, self.save_every_n_steps)
+        return None not in (
+            self.rank,
+            self.alpha,
+            self.max_train_steps,
+            self.save_every_n_steps,
+            self.unet_learning_rate,
+            self.text_encoder_learning_rate,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

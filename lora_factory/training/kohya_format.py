@@ -1,4 +1,4 @@
-"""Writing peft LoRA adapters as kohya-format `.safetensors` files.
+"""Writing peft LoRA / LoHa / LoKr adapters as kohya-format `.safetensors` files.
 
 The kohya layout is what AUTOMATIC1111, ComfyUI, kohya's scripts and diffusers all read:
 
@@ -10,7 +10,9 @@ The kohya layout is what AUTOMATIC1111, ComfyUI, kohya's scripts and diffusers a
 - `.alpha` is the adapter's real alpha (forward scale = alpha / rank). diffusers'
   `convert_state_dict_to_kohya` writes alpha = rank and `lora_te1_encoder_...` keys, which
   is why the keys are written here one by one from the adapter layers themselves;
-- 1x1-convolution targets (SD1.5's proj_in / proj_out) keep their 4-d conv weight shapes.
+- 1x1-convolution targets (SD1.5's proj_in / proj_out) keep their 4-d conv weight shapes;
+- LoHa (`hada_w1_a/hada_w1_b/hada_w2_a/hada_w2_b`) and LoKr (`lokr_w1[_a/_b]`,
+  `lokr_w2[_a/_b]`) modules use the same module names in LyCORIS' key layout.
 
 Metadata follows kohya (`ss_*`), the Stability AI model spec (`modelspec.*`) and the
 additional-networks hashes (`sshs_*`).
@@ -32,6 +34,10 @@ TEXT_ENCODER_PREFIX = "lora_te_"
 TEXT_MODEL_LEVEL = "text_model."
 PEFT_WRAPPER_PREFIX = "base_model.model."
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+# kohya's `ss_network_module` per adapter kind: LyCORIS networks load through lycoris.kohya.
+NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
 
 # The additional-networks "legacy" hash reads this window of the file.
 LEGACY_HASH_OFFSET = 0x100000
@@ -45,48 +51,94 @@ def peft_to_kohya_state_dict(
     adapter_name: str = "default",
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """kohya tensors for the peft LoRA layers injected in `unet` and `text_encoder`.
+    """kohya / LyCORIS tensors for the peft adapters injected in `unet` and `text_encoder`.
 
-    Each layer's alpha is computed from its own scaling (alpha = scaling x rank), which is
-    exactly what its forward pass used. When `alpha` is given, every layer must agree with
-    it: a mismatch means the adapters were built with another alpha than the one recorded
-    in the metadata.
+    LoRA layers give `lora_down.weight` / `lora_up.weight`, LoHa layers `hada_w1_a`,
+    `hada_w1_b`, `hada_w2_a`, `hada_w2_b`, LoKr layers `lokr_w1` (or `lokr_w1_a` /
+    `lokr_w1_b`) and `lokr_w2` (or `lokr_w2_a` / `lokr_w2_b`); each module also gets its
+    `alpha`. Loaders scale an update by alpha / rank, so each layer's alpha comes from its
+    own peft scaling (alpha = scaling x rank), which is what its forward pass used. When
+    `alpha` is given, every layer must agree with it: a mismatch means the adapters were
+    built with another alpha than the one recorded in the metadata.
     """
     tensors: dict[str, torch.Tensor] = {}
     parts = [(UNET_PREFIX, unet)]
     if text_encoder is not None:
         parts.append((TEXT_ENCODER_PREFIX, text_encoder))
     for prefix, model in parts:
-        for module_path, layer in _lora_layers(model, adapter_name):
+        for module_path, layer in _adapter_layers(model, adapter_name):
             if prefix == TEXT_ENCODER_PREFIX:
                 module_path = TEXT_MODEL_LEVEL + module_path.removeprefix(TEXT_MODEL_LEVEL)
             name = prefix + module_path.replace(".", "_")
-            down = layer.lora_A[adapter_name].weight
-            up = layer.lora_B[adapter_name].weight
-            layer_alpha = layer.scaling[adapter_name] * layer.r[adapter_name]
+            rank = layer.r[adapter_name]
+            layer_alpha = layer.scaling[adapter_name] * rank
             if alpha is not None and not _close(layer_alpha, alpha):
                 raise ValueError(f"{module_path}: adapter alpha {layer_alpha} differs from the expected {alpha}")
-            tensors[f"{name}.lora_down.weight"] = _export(down, dtype)
-            tensors[f"{name}.lora_up.weight"] = _export(up, dtype)
-            tensors[f"{name}.alpha"] = torch.tensor(layer_alpha, dtype=dtype)
+            weights, file_alpha = _layer_tensors(module_path, layer, adapter_name, layer_alpha)
+            for suffix, weight in weights.items():
+                tensors[f"{name}.{suffix}"] = _export(weight, dtype)
+            tensors[f"{name}.alpha"] = torch.tensor(file_alpha, dtype=dtype)
     if not tensors:
-        raise ValueError(f"no LoRA layers named {adapter_name!r} found: add adapters before exporting")
+        raise ValueError(f"no adapter layers named {adapter_name!r} found: add adapters before exporting")
     return tensors
 
 
-def _lora_layers(model: torch.nn.Module, adapter_name: str):
+def _layer_tensors(module_path: str, layer, adapter_name: str, alpha: float) -> tuple[dict[str, torch.Tensor], float]:
+    """One layer's file tensors (suffix -> tensor) and the alpha to write next to them."""
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(layer, LoraLayer):
+        if layer.use_dora.get(adapter_name, False):
+            raise ValueError(f"{module_path}: DoRA adapters have no plain kohya LoRA form")
+        return {
+            "lora_down.weight": layer.lora_A[adapter_name].weight,
+            "lora_up.weight": layer.lora_B[adapter_name].weight,
+        }, alpha
+    if isinstance(layer, LoHaLayer):
+        if adapter_name in layer.hada_t1:
+            raise ValueError(f"{module_path}: LoHa with Tucker (effective conv2d) factors is not exported")
+        # peft and LyCORIS store the same factors with the same shapes; for a 1x1 conv the
+        # "b" factors are (rank, in_channels) and loaders reshape the product to the conv.
+        return {suffix: getattr(layer, suffix)[adapter_name] for suffix in LOHA_SUFFIXES}, alpha
+    if isinstance(layer, LoKrLayer):
+        if adapter_name in layer.lokr_t2:
+            raise ValueError(f"{module_path}: LoKr with Tucker (effective conv2d) factors is not exported")
+        weights = {
+            suffix: getattr(layer, suffix)[adapter_name]
+            for suffix in LOKR_SUFFIXES
+            if adapter_name in getattr(layer, suffix)
+        }
+        if "lokr_w1_b" in weights or "lokr_w2_b" in weights:
+            return weights, alpha  # loaders scale by alpha / rank, the rank read from a "b" factor
+        # Both Kronecker factors are full matrices: the file holds no rank, and LyCORIS,
+        # AUTOMATIC1111, ComfyUI and diffusers then apply no alpha scaling at all. peft did
+        # scale by alpha / r, so the scale goes into the weights and alpha = rank says "1".
+        weights["lokr_w2"] = weights["lokr_w2"] * layer.scaling[adapter_name]
+        return weights, float(layer.r[adapter_name])
+    raise TypeError(f"{module_path}: {type(layer).__name__} adapters have no kohya/LyCORIS form")
+
+
+def _adapter_layers(model: torch.nn.Module, adapter_name: str):
+    from peft.tuners.lycoris_utils import LycorisLayer
     from peft.tuners.lora import LoraLayer
 
     for module_path, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+        if isinstance(module, LoraLayer):
+            present = adapter_name in module.lora_A
+        elif isinstance(module, LycorisLayer):
+            present = adapter_name in module._available_adapters
+        else:
             continue
-        if module.use_dora.get(adapter_name, False):
-            raise ValueError(f"{module_path}: DoRA adapters have no plain kohya LoRA form")
-        yield module_path.removeprefix(PEFT_WRAPPER_PREFIX), module
+        if present:
+            yield module_path.removeprefix(PEFT_WRAPPER_PREFIX), module
 
 
 def _export(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight.detach().to(device="cpu", dtype=dtype).contiguous()
+    weight = weight.detach().to(dtype=dtype)
+    # Meta tensors (full-size models built without memory, to check key layouts) stay meta.
+    return weight if weight.is_meta else weight.cpu().contiguous()
 
 
 def _close(a: float, b: float) -> bool:
@@ -132,19 +184,26 @@ def kohya_metadata(
     mixed_precision: str | None = None,
     bucket_info: dict | None = None,
     training_comment: str | None = None,
+    network_module: str = "networks.lora",
+    network_args: dict | None = None,
+    input_perturbation: float | None = None,
+    num_epochs: int | None = None,
+    gradient_checkpointing: bool | None = None,
 ) -> dict[str, str]:
     """kohya `ss_*` and `modelspec.*` metadata for one checkpoint (all values strings).
 
     `tag_frequency` is kohya's `{dataset_dir: {tag: count}}`; a flat `{tag: count}` is
     filed under `output_name`. `dataset_dirs` is `{dataset_dir: {"n_repeats": r,
-    "img_count": n}}`. No timestamps are written, so the same training gives the same bytes.
+    "img_count": n}}`. `network_args` are kohya's `--network_args` (for LyCORIS networks
+    `{"algo": "loha"}` etc.). No timestamps are written, so the same training gives the
+    same bytes.
     """
     if tag_frequency and all(isinstance(count, int) for count in tag_frequency.values()):
         tag_frequency = {output_name: tag_frequency}
     comment = training_comment or f"trigger word: {trigger_word}"
     metadata: dict[str, object] = {
         "ss_output_name": output_name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": network_dim,
         "ss_network_alpha": _number(network_alpha),
         "ss_training_comment": comment,
@@ -170,6 +229,7 @@ def kohya_metadata(
         "ss_max_token_length": 75,
     }
     optional = {
+        "ss_network_args": json.dumps(network_args, sort_keys=True) if network_args is not None else None,
         "ss_text_encoder_lr": text_encoder_learning_rate if train_text_encoder else None,
         "ss_max_train_steps": max_train_steps,
         "ss_num_train_images": num_train_images,
@@ -180,6 +240,9 @@ def kohya_metadata(
         "ss_lr_warmup_steps": lr_warmup_steps,
         "ss_min_snr_gamma": min_snr_gamma,
         "ss_noise_offset": noise_offset,
+        "ss_ip_noise_gamma": input_perturbation,
+        "ss_num_epochs": num_epochs,
+        "ss_gradient_checkpointing": gradient_checkpointing,
         "ss_shuffle_caption": caption_shuffle,
         "ss_keep_tokens": keep_tokens,
         "ss_caption_dropout_rate": caption_dropout,
@@ -202,6 +265,17 @@ def kohya_metadata(
         }
     )
     return {key: str(value) for key, value in metadata.items()}
+
+
+def network_metadata(network_type: str, lokr_factor: int = -1) -> tuple[str, dict]:
+    """(`ss_network_module`, `ss_network_args`) for an adapter kind, as kohya/LyCORIS write them."""
+    if network_type == "lora":
+        return NETWORK_MODULES["lora"], {}
+    if network_type == "loha":
+        return NETWORK_MODULES["loha"], {"algo": "loha"}
+    if network_type == "lokr":
+        return NETWORK_MODULES["lokr"], {"algo": "lokr", "factor": lokr_factor}
+    raise ValueError(f"unknown network type {network_type!r}")
 
 
 def _number(value: float) -> float | int:

@@ -1,9 +1,9 @@
-"""The LoRA training step as a LightningModule: cached VAE latents, seeded noise, epsilon
-(or v) prediction, min-SNR weighted MSE, AdamW on the adapters only.
+"""The adapter training step as a LightningModule: cached VAE latents, seeded noise, epsilon
+(or v) prediction, min-SNR weighted MSE, noise offset and input perturbation, AdamW or
+Prodigy on the adapters only.
 
-Adapters are peft LoRA layers on the modules kohya's `networks.lora` trains for SD1.5:
-every Linear / 1x1 conv inside the UNet's transformer blocks and the text encoder's
-attention and MLP layers. All randomness of a step (noise, timesteps) comes from a
+Adapters are peft LoRA / LoHa / LoKr layers on the modules kohya's `networks.lora` trains
+for SD1.5 (see `adapters.py`). All randomness of a step (noise, timesteps) comes from a
 generator seeded with (seed, global step), so a run resumed from a checkpoint continues
 exactly as the uninterrupted run would have.
 """
@@ -20,51 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from lora_factory.storage import atomic_write_bytes, sha256_file
+# add_lora_adapters is re-exported: other stages build LoRA adapters from here.
+from lora_factory.training.adapters import add_adapters, add_lora_adapters  # noqa: F401
 from lora_factory.training.base_model import BaseModel, encode_token_ids, tokenize_captions
 from lora_factory.training.config import TrainingConfig
 from lora_factory.training.dataset import BucketDataLoader, CaptionedLatentDataset
 from lora_factory.training.kohya_format import peft_to_kohya_state_dict
+from lora_factory.training.optimizers import build_optimizer
 
-# kohya's SD1.5 targets: everything trainable inside Transformer2DModel blocks...
-UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-# ...and inside the CLIP text encoder's attention and MLP.
-TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-ADAPTER_NAME = "default"
 VAE_BATCH_SIZE = 8
-
-
-def add_lora_adapters(
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
-    rank: int,
-    alpha: float,
-    seed: int = 0,
-) -> list[torch.nn.Parameter]:
-    """Inject peft LoRA adapters (in place) and return their parameters, in fp32.
-
-    Initialisation is peft's default, the same as kohya's: down (A) Kaiming-uniform, up (B)
-    zero, so the untrained adapter changes nothing. It draws from a private seeded random
-    state, leaving the caller's untouched.
-    """
-    from peft import LoraConfig
-
-    parameters = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for model, targets in ((unet, UNET_TARGET_MODULES), (text_encoder, TEXT_ENCODER_TARGET_MODULES)):
-            if model is None:  # the text encoder, when only the UNet is trained
-                continue
-            model.add_adapter(
-                LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True),
-                adapter_name=ADAPTER_NAME,
-            )
-            for name, parameter in model.named_parameters():
-                if ".lora_" in name:
-                    # Half-precision base weights train fp32 adapters: small updates survive.
-                    parameter.data = parameter.data.float()
-                    parameter.requires_grad_(True)
-                    parameters.append(parameter)
-    return parameters
 
 
 class LatentCache:
@@ -155,7 +119,15 @@ class LoraTrainingModule(L.LightningModule):
         self.text_encoder = base.text_encoder
         self.train_text_encoder = config.train_text_encoder
         trained_text_encoder = self.text_encoder if config.train_text_encoder else None
-        lora_parameters = add_lora_adapters(self.unet, trained_text_encoder, config.rank, config.alpha, config.seed)
+        lora_parameters = add_adapters(
+            self.unet,
+            trained_text_encoder,
+            config.network_type,
+            config.rank,
+            config.alpha,
+            config.seed,
+            config.lokr_factor,
+        )
         unet_ids = {id(parameter) for parameter in self.unet.parameters()}
         self.unet_lora_parameters = [p for p in lora_parameters if id(p) in unet_ids]
         self.text_encoder_lora_parameters = [p for p in lora_parameters if id(p) not in unet_ids]
@@ -193,9 +165,14 @@ class LoraTrainingModule(L.LightningModule):
             # Lets the model learn overall brightness shifts (very dark / bright images).
             noise += self.config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
         timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator)
+        model_input_noise = noise
+        if self.config.input_perturbation:
+            # Input perturbation (Ning et al. 2023): the model sees slightly different noise
+            # than it is asked to predict, which reduces the train/sampling exposure bias.
+            model_input_noise = noise + self.config.input_perturbation * torch.randn(latents.shape, generator=generator)
         latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
 
-        noisy_latents = self._add_noise(latents, noise, timesteps)
+        noisy_latents = self._add_noise(latents, model_input_noise.to(self.device), timesteps)
         input_ids = tokenize_captions(self.base.tokenizer, batch["captions"]).to(self.device)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             hidden_states = encode_token_ids(self.text_encoder, input_ids, self.config.clip_skip)
@@ -230,7 +207,9 @@ class LoraTrainingModule(L.LightningModule):
             groups.append(
                 {"params": self.text_encoder_lora_parameters, "lr": self.config.text_encoder_learning_rate}
             )
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        optimizer = build_optimizer(
+            self.config.optimizer, groups, self.config.weight_decay, self.config.lr_warmup_steps
+        )
         name = self.config.lr_scheduler
         if name == "constant" and self.config.lr_warmup_steps:
             name = "constant_with_warmup"

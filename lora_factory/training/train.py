@@ -9,7 +9,9 @@
   small Lightning checkpoint (adapters, optimizer, scheduler, loop and sampler position);
   a killed run with the same hash resumes from that checkpoint and produces the same
   files the uninterrupted run would have (all randomness is seeded by position);
-- a run with a different hash replaces the previous run's files in `output_dir`.
+- a run with a different hash replaces the previous run's files in `output_dir`;
+- on a machine with several GPUs each run claims one free GPU (`gpu.claim_gpu`); a run
+  that runs out of GPU memory fails with a message listing the settings to change.
 """
 
 from __future__ import annotations
@@ -21,28 +23,42 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from lora_factory.storage import atomic_write_json, sha256_file
-from lora_factory.training.base_model import base_weights_sha256, load_base_model, pick_device
+from lora_factory.training.base_model import base_weights_sha256, load_base_model
 from lora_factory.training.config import TrainingConfig
 from lora_factory.training.dataset import CaptionedLatentDataset, TrainingExample
-from lora_factory.training.kohya_format import SAVE_DTYPES, kohya_metadata, read_kohya_lora, save_kohya_lora
+from lora_factory.training.gpu import claim_gpu
+from lora_factory.training.kohya_format import (
+    SAVE_DTYPES,
+    kohya_metadata,
+    network_metadata,
+    read_kohya_lora,
+    save_kohya_lora,
+)
 from lora_factory.training.module import LatentCache, LoraTrainingModule
+from lora_factory.training.optimizers import optimizer_description, resolve_optimizer
 
 # Bump when a code change alters what a training run produces, so old runs are redone.
-TRAINING_RECIPE_VERSION = 1
+TRAINING_RECIPE_VERSION = 2
 MANIFEST_NAME = "run.json"
 STATE_DIR_NAME = ".training_state"
 STATE_FILE_NAME = "last.ckpt"
 KOHYA_PRECISION_NAMES = {"32-true": "no", "16-mixed": "fp16", "bf16-mixed": "bf16"}
-# Settings that change how a run reports, not what it produces.
-NON_RESULT_FIELDS = ("log_every_n_steps",)
+# Settings that change how a run reports or how much memory it needs, not what it produces:
+# a run that ran out of memory resumes from its last state with gradient checkpointing on.
+NON_RESULT_FIELDS = ("log_every_n_steps", "gradient_checkpointing")
+
+
+class TrainingOutOfMemoryError(RuntimeError):
+    """The GPU ran out of memory; the message lists the settings that need less."""
 
 
 @dataclass(frozen=True)
@@ -76,20 +92,70 @@ def train_lora(
     base_config: str | Path | None = None,
     latent_cache_dir: Path | None = None,
     device: torch.device | str | None = None,
+    gpu_lock_dir: Path | None = None,
 ) -> list[CheckpointInfo]:
-    """Train a LoRA on `examples` and return its checkpoints, oldest first.
+    """Train an adapter on `examples` and return its checkpoints, oldest first.
 
     `base_config` is passed to `load_base_model` for single-file base models;
     `latent_cache_dir` keeps VAE latents across runs (keyed by base weights + image bytes);
-    `device` defaults to the first GPU, else the CPU.
+    `device` defaults to a GPU when there is one (with `gpu_lock_dir`, a free one claimed
+    for this run; without, the first), else the CPU.
     """
     _check_output_name(output_name)
     if not examples:
         raise ValueError("no training examples: nothing to train on")
-    output_dir = Path(output_dir)
+    with ExitStack() as stack:
+        if device is None:
+            device = torch.device("cpu")
+            if torch.cuda.is_available():
+                index = stack.enter_context(claim_gpu(gpu_lock_dir, log=log)) if gpu_lock_dir else 0
+                device = torch.device("cuda", index)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return _train_on(
+            base_source,
+            examples,
+            Path(output_dir),
+            config,
+            output_name,
+            trigger_word,
+            tag_frequency,
+            dataset_dirs,
+            log,
+            base_config,
+            latent_cache_dir,
+            device,
+        )
+
+
+def _train_on(
+    base_source,
+    examples,
+    output_dir,
+    config,
+    output_name,
+    trigger_word,
+    tag_frequency,
+    dataset_dirs,
+    log,
+    base_config,
+    latent_cache_dir,
+    device: torch.device,
+) -> list[CheckpointInfo]:
     output_dir.mkdir(parents=True, exist_ok=True)
-    config = config.resolved(len(examples))
-    device = torch.device(device) if device is not None else pick_device()
+    dataset = CaptionedLatentDataset(
+        examples,
+        seed=config.seed,
+        caption_shuffle=config.caption_shuffle,
+        keep_tokens=config.keep_tokens,
+        caption_dropout=config.caption_dropout,
+        flip=config.flip,
+    )
+    batches_per_epoch = len(dataset.batch_sampler(config.batch_size))
+    config = config.resolved(len(examples), batches_per_epoch)
+    # What will really run ("adamw" may be the 8-bit one): part of the run's identity.
+    config = replace(config, optimizer=resolve_optimizer(config.optimizer, device))
 
     base_hash = base_weights_sha256(base_source)
     image_hashes = [sha256_file(Path(example.image_path)) for example in examples]
@@ -117,61 +183,35 @@ def train_lora(
         _remove_previous_run(output_dir, manifest, log)
     atomic_write_json(manifest_path, {"run_hash": run_hash, "status": "running", "output_name": output_name})
 
-    precision = _lightning_precision(config.mixed_precision, device)
+    precision = lightning_precision(config.mixed_precision, device)
     base = load_base_model(
         base_source,
         clip_skip=config.clip_skip,
-        dtype=_weights_dtype(precision),
+        dtype=weights_dtype(precision),
         device="cpu",  # Lightning moves the trained parts to `device`
         config=base_config,
         weights_sha256=base_hash,
     )
-    dataset = CaptionedLatentDataset(
-        examples,
-        seed=config.seed,
-        caption_shuffle=config.caption_shuffle,
-        keep_tokens=config.keep_tokens,
-        caption_dropout=config.caption_dropout,
-        flip=config.flip,
-    )
     latent_cache = LatentCache(base, dataset, latent_cache_dir, image_hashes)
     module = LoraTrainingModule(base, dataset, config, latent_cache, log=log)
-    batches_per_epoch = len(dataset.batch_sampler(config.batch_size))
     metadata_for_step = _metadata_factory(
         config, base, output_name, trigger_word, tag_frequency, dataset_dirs, examples, batches_per_epoch, precision
     )
     saver = LoraCheckpointSaver(
         output_dir, output_name, config, batches_per_epoch, metadata_for_step, state_path, log
     )
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        max_steps=config.max_train_steps,
-        max_epochs=-1,
-        precision=precision,
-        deterministic=device.type == "cpu" or None,
-        gradient_clip_val=config.max_grad_norm,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        default_root_dir=output_dir / STATE_DIR_NAME,
-        callbacks=[saver],
-    )
+    trainer = make_trainer(config, device, precision, [saver], output_dir / STATE_DIR_NAME)
     log(
-        f"{output_name}: training {config.max_train_steps} steps ({len(examples)} images, "
-        f"{len(dataset)} samples per epoch, batch {config.batch_size}, rank {config.rank}, "
-        f"alpha {config.alpha}) on {device.type}, precision {precision}"
+        f"{output_name}: training {config.network_type} for {config.max_train_steps} steps "
+        f"({len(examples)} images, {len(dataset)} samples per epoch, batch {config.batch_size}, "
+        f"rank {config.rank}, alpha {config.alpha}, {config.optimizer}) on {device}, precision {precision}"
     )
-    with warnings.catch_warnings():
-        # Latents are cached in memory: loader workers would only add start-up time.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing to act on.
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
-        # The resume state holds only tensors and plain containers: no pickled code runs.
-        trainer.fit(module, ckpt_path=resume_from, weights_only=True)
+    with quiet_lightning_warnings():
+        try:
+            # The resume state holds only tensors and plain containers: no pickled code runs.
+            trainer.fit(module, ckpt_path=resume_from, weights_only=True)
+        except torch.OutOfMemoryError as error:
+            raise TrainingOutOfMemoryError(out_of_memory_advice(output_name, config, precision, device)) from error
 
     checkpoints = [
         _checkpoint_info(output_dir / checkpoint_file_name(output_name, step), step)
@@ -194,6 +234,86 @@ def train_lora(
     if state_path.parent.is_dir() and not any(state_path.parent.iterdir()):
         state_path.parent.rmdir()
     return checkpoints
+
+
+def make_trainer(
+    config: TrainingConfig, device: torch.device, precision: str, callbacks: list, root_dir: Path
+) -> L.Trainer:
+    """The Lightning trainer of a run: one device, no Lightning logging or checkpointing
+    (the callbacks save what the factory needs), deterministic on CPU."""
+    if device.type == "cuda":
+        # Fastest conv algorithms for the fixed bucket shapes; TF32 for what stays in fp32.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index] if device.type == "cuda" else 1,
+        max_steps=config.max_train_steps,
+        max_epochs=-1,
+        precision=precision,
+        deterministic=device.type == "cpu" or None,
+        gradient_clip_val=config.max_grad_norm,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=root_dir,
+        callbacks=callbacks,
+    )
+
+
+@contextmanager
+def quiet_lightning_warnings() -> Iterator[None]:
+    """Silence Lightning warnings that do not apply to these runs."""
+    with warnings.catch_warnings():
+        # Latents are cached in memory: loader workers would only add start-up time.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing to act on.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+        yield
+
+
+def lightning_precision(mixed_precision: str, device: torch.device) -> str:
+    """Lightning's precision name for a config's `mixed_precision` on `device`."""
+    if mixed_precision == "auto":
+        if device.type != "cuda":
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if mixed_precision != "no" and device.type != "cuda":
+        raise ValueError(f"mixed_precision={mixed_precision!r} needs a GPU; use 'no' or 'auto' on CPU")
+    return {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}[mixed_precision]
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """Frozen base weights in the autocast dtype: half the memory, same compute."""
+    return {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]
+
+
+def out_of_memory_advice(output_name: str, config: TrainingConfig, precision: str, device: torch.device) -> str:
+    """What to change, in the order that costs the result least, when a run does not fit in memory."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    changes = []
+    if config.batch_size > 1:
+        changes.append(f"batch_size={max(1, config.batch_size // 2)} (now {config.batch_size})")
+    if not config.gradient_checkpointing:
+        changes.append(
+            "gradient_checkpointing=True (far less activation memory, about a third slower; "
+            "the only change that keeps this run's progress)"
+        )
+    if precision == "32-true":
+        changes.append("mixed_precision='bf16' (or 'fp16' on GPUs without bf16)")
+    if config.optimizer != "adamw8bit":
+        changes.append("optimizer='adamw8bit' (install bitsandbytes)")
+    if config.train_text_encoder:
+        changes.append("train_text_encoder=False")
+    changes.append(f"a lower bucketing resolution (now {config.resolution}) or rank (now {config.rank})")
+    return (
+        f"{output_name}: out of memory on {device} training batch {config.batch_size} at resolution "
+        f"{config.resolution}. Change one of: " + "; ".join(changes) + "."
+    )
 
 
 class LoraCheckpointSaver(L.Callback):
@@ -269,9 +389,12 @@ def _metadata_factory(
     for example in examples:
         key = f"{example.bucket[0]}x{example.bucket[1]}"
         buckets[key] = buckets.get(key, 0) + example.repeats
+    network_module, network_args = network_metadata(config.network_type, config.lokr_factor)
     shared = dict(
         output_name=output_name,
         trigger_word=trigger_word,
+        network_module=network_module,
+        network_args=network_args,
         network_dim=config.rank,
         network_alpha=config.alpha,
         tag_frequency=tag_frequency,
@@ -280,7 +403,7 @@ def _metadata_factory(
         base_model_hash=base.sha256,
         seed=config.seed,
         resolution=config.resolution,
-        optimizer=config.optimizer,
+        optimizer=optimizer_description(config.optimizer, config.weight_decay, config.lr_warmup_steps),
         learning_rate=config.unet_learning_rate,
         text_encoder_learning_rate=config.text_encoder_learning_rate,
         train_text_encoder=config.train_text_encoder,
@@ -293,6 +416,9 @@ def _metadata_factory(
         lr_warmup_steps=config.lr_warmup_steps,
         min_snr_gamma=config.min_snr_gamma,
         noise_offset=config.noise_offset,
+        input_perturbation=config.input_perturbation,
+        num_epochs=math.ceil(config.max_train_steps / batches_per_epoch),
+        gradient_checkpointing=config.gradient_checkpointing,
         caption_shuffle=config.caption_shuffle,
         keep_tokens=config.keep_tokens,
         caption_dropout=config.caption_dropout,
@@ -357,21 +483,6 @@ def _checkpoint_info(path: Path, step: int) -> CheckpointInfo:
         raise RuntimeError(f"training ended without writing {path.name}: the run stopped early")
     _, metadata = read_kohya_lora(path)
     return CheckpointInfo(step=step, epoch=int(metadata["ss_epoch"]), path=path, sha256=sha256_file(path))
-
-
-def _lightning_precision(mixed_precision: str, device: torch.device) -> str:
-    if mixed_precision == "auto":
-        if device.type != "cuda":
-            return "32-true"
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if mixed_precision != "no" and device.type != "cuda":
-        raise ValueError(f"mixed_precision={mixed_precision!r} needs a GPU; use 'no' or 'auto' on CPU")
-    return {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}[mixed_precision]
-
-
-def _weights_dtype(precision: str) -> torch.dtype:
-    """Frozen base weights in the autocast dtype: half the memory, same compute."""
-    return {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]
 
 
 def _check_output_name(output_name: str) -> None:

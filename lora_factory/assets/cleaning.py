@@ -28,6 +28,13 @@ class CleaningSettings(dg.Config):
     keep_classes: list[str] = list(CleaningConfig.keep_classes)
     allowed_ratings: list[str] = []  # empty: every rating
     min_crops: int = 10  # blocking check: fewer crops than this fails the partition
+    # Blocking check: below this share of persons in the dominant identity cluster the
+    # tag mostly shows someone else (a namesake, a mis-tag) and a LoRA would learn a mix.
+    min_identity_purity: float = 0.5
+    # Cosine distance under which a crop counts as the same drawing as another
+    # character's crop (reported, not dropped: a duo picture may rightly serve both);
+    # None: the embedding store's default (lora_factory.cleaning.embeddings).
+    cross_character_distance: float | None = None
 
     def cleaning_config(self) -> CleaningConfig:
         return CleaningConfig(
@@ -52,7 +59,16 @@ class CleaningSettings(dg.Config):
             asset="cleaned_crops",
             blocking=True,
             description="Blocks training when cleaning left fewer crops than `min_crops`.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            name="identity_purity",
+            asset="cleaned_crops",
+            blocking=True,
+            description=(
+                "Blocks training when fewer than `min_identity_purity` of the face-checked "
+                "persons belong to the dominant identity cluster."
+            ),
+        ),
     ],
     description=(
         "The cleaning chain: decode (corrupt files quarantined with a reason), RGB on "
@@ -68,15 +84,16 @@ def cleaned_crops(
     storage: FactoryStorage,
     vision_models: VisionModelsResource,
 ) -> dg.MaterializeResult:
+    from lora_factory.cleaning.embeddings import EmbeddingStore
+
     stage = Stage(
         context, storage, config, upstream=("matched_tags",), extra={"models": vision_models.names()}
     )
     crops_path = stage.store.table_path("cleaned_crops", stage.key)
     drops_path = stage.store.table_path("cleaned_crops", stage.key, "drops")
     quarantine_path = stage.store.table_path("cleaned_crops", stage.key, "quarantine")
+    embeddings = EmbeddingStore(stage.store.lancedb_dir)
     if stage.needs_build(crops_path, drops_path, quarantine_path):
-        from lora_factory.cleaning.embeddings import EmbeddingStore
-
         posts = read_table(stage.store.table_path("matched_tags", stage.key, "posts"))
         result = clean_character(
             stage.key,
@@ -84,7 +101,7 @@ def cleaned_crops(
             stage.store.blobs,
             vision_models.load(stage.store),
             config.cleaning_config(),
-            EmbeddingStore(stage.store.lancedb_dir),
+            embeddings,
             log=context.log.info,
         )
         write_table(result.crops, crops_path)
@@ -101,19 +118,29 @@ def cleaned_crops(
     sheet = contact_sheet_png(
         stage.images(sample["crop_sha256"]), labels=list(sample["kind"]), thumb=96, cols=8
     )
-    purity = stage.stamp.summary.get("purity")
+    purity = float(stage.stamp.summary["purity"])
+    # Asked on every run, reused or not: other characters' crops change independently.
+    distance = {} if config.cross_character_distance is None else {"threshold": config.cross_character_distance}
+    shared = embeddings.cross_character_duplicates(stage.key, **distance)
     checks = [
         dg.AssetCheckResult(
             check_name="enough_crops",
             passed=len(crops) >= config.min_crops,
             metadata={"crops": len(crops), "minimum": config.min_crops},
-        )
+        ),
+        dg.AssetCheckResult(
+            check_name="identity_purity",
+            passed=purity >= config.min_identity_purity,
+            metadata={"purity": purity, "minimum": config.min_identity_purity},
+        ),
     ]
     return stage.result(
         {
             "dagster/row_count": len(crops),
             "crops_by_kind": dg.MetadataValue.json(crops["kind"].value_counts().to_dict()),
-            "identity_purity": float(purity) if purity is not None else None,
+            "identity_purity": purity,
+            "cross_character_duplicates": int(shared["crop_sha256"].nunique()),
+            "cross_character_pairs": table_metadata(shared, max_rows=20),
             "drops_by_reason": counts_metadata(drops["reason"].value_counts().to_dict()),
             "quarantined": len(quarantine),
             "quarantine": table_metadata(quarantine),

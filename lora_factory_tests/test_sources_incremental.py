@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pandas as pd
 import pytest
 from site_fixtures import FakeDanbooruSite, FakeGelbooru, make_post
 from sources_loopback import LoopbackSite, Reply
@@ -12,7 +13,13 @@ from sources_loopback import LoopbackSite, Reply
 from lora_factory.sources.danbooru import DanbooruClient
 from lora_factory.sources.gelbooru import GelbooruClient
 from lora_factory.sources.http import PoliteHttpClient
-from lora_factory.sources.scrape import CAUGHT_UP, scrape_character, walks_path
+from lora_factory.sources.manifest_parts import ManifestParts, parts_dir
+from lora_factory.sources.scrape import (
+    CAUGHT_UP,
+    MANIFEST_SCHEMA,
+    scrape_character,
+    walks_path,
+)
 from lora_factory.storage import BlobStore, read_table
 
 TAG = "ash_(ember_knights)"
@@ -68,6 +75,7 @@ def test_rerun_fetches_only_new_posts_and_stops_listing_where_the_last_run_began
     _, danbooru, gelbooru = two_sites()
     with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(gelbooru.routes()) as g_site:
         first = scrape(tmp_path, d_site.base_url, g_site.base_url)
+        first_rows = len(first.manifest)  # read before the next run replaces the file
         first_listings = len(d_site.hits("/posts.json"))
         newcomer = make_post(60, TAG, "ember_knights")
         danbooru.posts.insert(0, newcomer)
@@ -79,7 +87,7 @@ def test_rerun_fetches_only_new_posts_and_stops_listing_where_the_last_run_began
     assert downloads == [f"/files/{newcomer.file_name}"] and second.counts.new_posts == 1
     assert first_listings == 4 and second_listings == 2  # the page with the newcomer, then one stored page
     assert set(second.per_tag["stop_reason"]) == {CAUGHT_UP}
-    assert len(second.manifest) == len(first.manifest) + 1
+    assert len(second.manifest) == first_rows + 1
     assert len(blob_files(tmp_path)) == second.manifest["sha256"].nunique()
 
 
@@ -128,3 +136,63 @@ def test_credentials_never_reach_manifests_walk_state_or_logs(tmp_path, caplog):
     ]
     for text in stored:
         assert DANBOORU_KEY not in text and GELBOORU_KEY not in text
+
+
+def test_run_killed_hard_leaves_page_parts_that_the_next_run_folds_in(tmp_path):
+    """A kill that skips every cleanup (no final fold) loses no finished page."""
+    _, danbooru, gelbooru = two_sites()
+    manifest_path = tmp_path / "raw_scrape.parquet"
+    with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(gelbooru.routes()) as g_site:
+        fetches = {"n": 0}
+        original_fetch = DanbooruClient.fetch
+
+        def dying_fetch(self, post):
+            fetches["n"] += 1
+            if fetches["n"] == 5:
+                raise KeyboardInterrupt("killed")
+            return original_fetch(self, post)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(DanbooruClient, "fetch", dying_fetch)
+            patch.setattr(ManifestParts, "compact", lambda self: None)  # as if the process died at once
+            with pytest.raises(KeyboardInterrupt):
+                scrape(tmp_path, d_site.base_url, g_site.base_url)
+        assert not manifest_path.exists() and len(list(parts_dir(manifest_path).glob("*.parquet"))) == 1
+        first_page = file_hits(d_site)[:3]
+        d_before = len(file_hits(d_site))
+        resumed = scrape(tmp_path, d_site.base_url, g_site.base_url)
+        assert not set(first_page) & set(file_hits(d_site)[d_before:])  # the folded page is not fetched again
+    manifest = resumed.manifest
+    assert not parts_dir(manifest_path).exists()
+    assert len(manifest) == 11 and not manifest.duplicated(["site", "post_id", "candidate_tag"]).any()
+    assert resumed.counts.reused_posts == 3 + 1
+    assert manifest["sha256"].notna().all()
+
+
+def test_result_refuses_to_read_a_manifest_a_later_run_replaced(tmp_path):
+    _, danbooru, gelbooru = two_sites()
+    with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(gelbooru.routes()) as g_site:
+        first = scrape(tmp_path, d_site.base_url, g_site.base_url)
+        scrape(tmp_path, d_site.base_url, g_site.base_url)
+    with pytest.raises(RuntimeError, match="rewritten after this scrape"):
+        _ = first.manifest
+
+
+def test_folding_parts_keeps_the_latest_rows_of_each_key_and_is_repeatable(tmp_path):
+    path = tmp_path / "m.parquet"
+    parts = ManifestParts(path, MANIFEST_SCHEMA, ["site", "post_id", "candidate_tag"])
+    row = {name: None for name in MANIFEST_SCHEMA.names}
+    parts.append([{**row, "site": "a", "post_id": "1", "candidate_tag": "t", "error": "HTTP 503"},
+                  {**row, "site": "a", "post_id": "2", "candidate_tag": "t", "sha256": "x"}])
+    parts.compact()
+    parts.append([{**row, "site": "a", "post_id": "1", "candidate_tag": "t", "sha256": "y"}])
+    leftover = sorted(parts_dir(path).glob("*.parquet"))
+    kept = leftover[0].read_bytes()
+    parts.compact()
+    folded = read_table(path).sort_values("post_id")
+    assert folded[["post_id", "sha256"]].values.tolist() == [["1", "y"], ["2", "x"]]
+    assert folded["error"].isna().all()
+    parts_dir(path).mkdir()
+    leftover[0].write_bytes(kept)  # killed after writing the manifest, before deleting the part
+    parts.compact()
+    pd.testing.assert_frame_equal(read_table(path).sort_values("post_id"), folded)

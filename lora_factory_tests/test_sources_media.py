@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pandas as pd
 import pytest
 from PIL import Image
 from site_fixtures import FakeDanbooruSite, FakeZerochan, make_post
@@ -12,7 +13,9 @@ from sources_loopback import LoopbackSite, Reply, image_bytes
 from lora_factory.sources.base import MediaPolicy, PagingStats, Variant, choose_variant
 from lora_factory.sources.danbooru import DanbooruClient
 from lora_factory.sources.http import DownloadRefused, PoliteHttpClient
+from lora_factory.sources.scrape import scrape_character
 from lora_factory.sources.zerochan import ZerochanClient
+from lora_factory.storage import BlobStore
 
 TAG = "ash_(ember_knights)"
 
@@ -168,3 +171,45 @@ def test_file_redirect_off_site_and_oversize_files_are_refused():
                     outcome[post.post_id] = str(exc)
     assert "refused redirect" in outcome["1"] and other.requests == []
     assert "over the limit of 4000 bytes" in outcome["2"] and outcome["3"] == good.data
+
+
+def animated_gif(colours: list[tuple[int, int, int]], size=(12, 10)) -> bytes:
+    frames = [Image.new("RGB", size, colour) for colour in colours]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def test_animated_posts_expand_to_every_nth_frame_each_stored_and_recorded(tmp_path):
+    colours = [(40 * n, 255 - 30 * n, 90) for n in range(7)]
+    gif = animated_gif(colours)
+    posts = [make_post(1, TAG, data=gif, ext="gif", animated=True), make_post(2, TAG)]
+    fake = FakeDanbooruSite(posts)
+    policy = MediaPolicy(animated="frames", frame_step=3, max_frames=2)  # frames 0 and 3 of 0..6
+    blobs = BlobStore(tmp_path / "blobs")
+    with LoopbackSite(fake.routes()) as site:
+        client = DanbooruClient("danbooru", site.base_url, http(), media=policy)
+        first = scrape_character("ash", {"danbooru": [TAG]}, {"danbooru": client}, blobs,
+                                 tmp_path / "raw_scrape.parquet", log=lambda line: None)
+        manifest = first.manifest
+        downloads = [r.path for r in site.requests if r.path != "/posts.json"]
+        second = scrape_character("ash", {"danbooru": [TAG]}, {"danbooru": client}, blobs,
+                                  tmp_path / "raw_scrape.parquet", log=lambda line: None)
+        assert [r.path for r in site.requests if r.path != "/posts.json"] == downloads  # nothing fetched again
+    assert len(downloads) == 2
+    frames = manifest[manifest["post_id"] == "1"].sort_values("variant")
+    assert list(frames["variant"]) == ["original/frame_000", "original/frame_003"]
+    for sha, colour in zip(frames["sha256"], [colours[0], colours[3]]):
+        picture = Image.open(io.BytesIO(blobs.get(sha)))
+        assert picture.format == "PNG" and not getattr(picture, "is_animated", False)
+        assert picture.convert("RGB").getpixel((5, 5)) == pytest.approx(colour, abs=8)  # GIF palette rounding
+    assert first.counts.new_posts == 2 and first.counts.posts == 2 and len(manifest) == 3
+    assert second.counts.new_posts == 0 and second.counts.reused_posts == 2
+    key = ["site", "post_id", "candidate_tag", "variant"]
+    pd.testing.assert_frame_equal(second.manifest.sort_values(key, ignore_index=True),
+                                  manifest.sort_values(key, ignore_index=True))
+
+
+def test_frames_policy_rejects_bad_settings():
+    with pytest.raises(ValueError, match="frame_step"):
+        MediaPolicy(animated="frames", frame_step=0)

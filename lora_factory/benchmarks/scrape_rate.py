@@ -5,18 +5,18 @@ rate limiter treats them as eight hosts) and serve 250 posts each with small PNG
 thread per site runs `scrape_character` with a `PoliteHttpClient` at the configured rate;
 every site records when each request arrived. The benchmark prints, per host, the
 achieved rate ((requests - 1) / time from first to last request) against the configured
-one, and the peak memory of the scraping process for a small and a full run (each in a
-fresh process, so one peak cannot hide the other).
+one, and the peak memory of the scraping process for a small, a full and a large run (each
+in a fresh process, so one peak cannot hide the other).
 
 Targets: achieved / configured >= 0.9 on every host and never above 1 (polite: the
 busiest one-second window holds the rate, +1 when a late request meets an on-time one),
-peak RSS under 500 MB, and about the same peak for 500 and 2,000 posts. The yardstick
+peak RSS under 500 MB, and about the same peak for 500, 2,000 and 8,000 posts. The yardstick
 is the configured rate itself; an unthrottled probe first shows how fast the fixture
 sites can answer, so a ratio near 1 is the limiter's doing, not the sites' limit.
 tracemalloc (the "Python heap peak" column) slows allocation-heavy code, so a rate far
 above the default can fall short on a small machine for that reason alone.
 
-    python -m lora_factory.benchmarks.scrape_rate [--rate 20] [--posts 2000] [--small 500]
+    python -m lora_factory.benchmarks.scrape_rate [--rate 20] [--posts 2000] [--small 500] [--large 8000]
 """
 
 from __future__ import annotations
@@ -253,14 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=8)
     parser.add_argument("--posts", type=int, default=2000, help="posts in the full run, over all sites")
     parser.add_argument("--small", type=int, default=500, help="posts in the small run (memory comparison)")
+    parser.add_argument("--large", type=int, default=8000, help="posts in the large run (memory comparison)")
     parser.add_argument("--rate", type=float, default=20.0, help="configured requests per second per host")
     args = parser.parse_args(argv)
-    if args.sites < 1 or args.posts < args.sites or not 0 < args.small <= args.posts or args.rate <= 0:
-        parser.error("need sites >= 1, posts >= sites, 0 < small <= posts and rate > 0")
+    if args.sites < 1 or args.posts < args.sites or not 0 < args.small <= args.posts <= args.large or args.rate <= 0:
+        parser.error("need sites >= 1, posts >= sites, 0 < small <= posts <= large and rate > 0")
 
     names = [f"site{n}" for n in range(1, args.sites + 1)]
     full = split_posts(args.posts, names)
-    sites = [FixtureSite(name, full[name]) for name in names]
+    largest = split_posts(args.large, names)
+    sites = [FixtureSite(name, largest[name]) for name in names]
     urls = {site.name: site.start() for site in sites}
     try:
         capacity = unthrottled_capacity(sites)
@@ -269,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
               f">= {capacity:.0f} req/s with all {args.sites} busy\n")
 
         memory = []
-        for total in sorted({args.small, args.posts}):
+        for total in sorted({args.small, args.posts, args.large}):
             result = run_in_fresh_process(urls, split_posts(total, names), args.rate)
             rates = host_rates(sites, args.rate)
+            result["ratio_range"] = (min(r["ratio"] for r in rates), max(r["ratio"] for r in rates))
             memory.append((total, result))
             scraped = sum(result["scraped"].values())
             if scraped != total:
@@ -290,13 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio min {worst:.3f}, max {highest:.3f} (target >= {RATE_TARGET}, never above 1)\n")
 
         print("Peak memory of the scraping process (fresh process per run):")
-        print(f"{'posts':>7}{'elapsed s':>11}{'RSS after imports MB':>22}{'peak RSS MB':>13}{'Python heap peak MB':>21}")
+        print(f"{'posts':>7}{'elapsed s':>11}{'RSS after imports MB':>22}{'peak RSS MB':>13}{'Python heap peak MB':>21}"
+              f"{'rate ratio min-max':>20}")
         for total, result in memory:
+            low, high = result["ratio_range"]
             print(f"{total:>7}{result['elapsed_s']:>11.1f}{result['rss_after_imports_mb']:>22.1f}"
-                  f"{result['peak_rss_mb']:>13.1f}{result['traced_peak_mb']:>21.1f}")
-        (small_total, small), (_, big) = memory[0], memory[-1]
-        per_post_kb = 1024 * (big["peak_rss_mb"] - small["peak_rss_mb"]) / max(args.posts - small_total, 1)
-        print(f"peak RSS {big['peak_rss_mb']:.1f} MB at {args.posts} posts vs {small['peak_rss_mb']:.1f} MB at "
+                  f"{result['peak_rss_mb']:>13.1f}{result['traced_peak_mb']:>21.1f}{f'{low:.3f}-{high:.3f}':>20}")
+        (small_total, small), (big_total, big) = memory[0], memory[-1]
+        per_post_kb = 1024 * (big["peak_rss_mb"] - small["peak_rss_mb"]) / max(big_total - small_total, 1)
+        print(f"peak RSS {big['peak_rss_mb']:.1f} MB at {big_total} posts vs {small['peak_rss_mb']:.1f} MB at "
               f"{small_total} (x{big['peak_rss_mb'] / small['peak_rss_mb']:.2f}, {per_post_kb:.1f} KB per extra post; "
               f"target < {PEAK_RSS_TARGET_MB} MB, flat)")
         met = worst >= RATE_TARGET and highest <= 1.0 + 1e-3 and big["peak_rss_mb"] < PEAK_RSS_TARGET_MB

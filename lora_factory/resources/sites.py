@@ -55,7 +55,9 @@ class ImageSites(dg.ConfigurableResource):
     # when none does); 0 always takes the original.
     min_side: int = 800
     max_pixels: int = 40_000_000  # refused by the declared size, before any download or decoding
-    animated: str = "skip"  # animations and videos: "skip", or "first_frame"
+    animated: str = "skip"  # animations and videos: "skip", "first_frame", or "frames"
+    frame_step: int = 10  # with animated: frames, every frame_step-th frame ...
+    max_frames: int = 8  # ... up to max_frames of them, each stored as its own picture
 
     def site_configs(self) -> list[SiteConfig]:
         # Dagster keeps a list default as plain dicts (it cannot hold Config objects).
@@ -78,7 +80,8 @@ class ImageSites(dg.ConfigurableResource):
         clients, skipped = build_clients(
             settings,
             HttpSettings(self.user_agent, self.timeout_s, self.max_retries, int(self.max_download_mb * 2**20)),
-            MediaPolicy(min_side=self.min_side or None, animated=self.animated, max_pixels=self.max_pixels),
+            MediaPolicy(min_side=self.min_side or None, animated=self.animated, max_pixels=self.max_pixels,
+                        frame_step=self.frame_step, max_frames=self.max_frames),
         )
         if not clients:
             reasons = "\n".join(skipped) or "every site is disabled"

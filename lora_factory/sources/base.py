@@ -40,7 +40,7 @@ RATINGS = ("g", "s", "q", "e")
 
 IMAGE, ANIMATED, VIDEO = "image", "animated", "video"
 ORIGINAL = "original"  # the name of the variant that is the uploaded file itself
-ANIMATED_POLICIES = ("skip", "first_frame")
+ANIMATED_POLICIES = ("skip", "first_frame", "frames")
 # Formats a still frame of a video can come in (Danbooru's and e621's samples of a video).
 STILL_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "avif"})
 # The cleaning stage refuses more than this too; refusing here saves the download.
@@ -126,7 +126,12 @@ class PagingStats:
 @dataclass(frozen=True)
 class FetchedFile:
     data: bytes
-    variant: str  # the post's variant, with "/first_frame" when an animation was cut to its first frame
+    variant: str  # the post's variant, with "/first_frame" or "/frame_000" when an animation was cut
+    later_frames: tuple[tuple[str, bytes], ...] = ()  # with `animated: frames`: (variant, PNG) after the first
+
+    def stored_files(self) -> list[tuple[str, bytes]]:
+        """Every (variant, bytes) this download stores: one file, or each frame kept."""
+        return [(self.variant, self.data), *self.later_frames]
 
 
 def choose_variant(variants: list[Variant], min_side: int | None, max_pixels: int) -> Variant | None:
@@ -153,9 +158,11 @@ class MediaPolicy:
     """Which rendition to download and which files to refuse (the same on every site)."""
 
     min_side: int | None = None  # None: always the original
-    animated: str = "skip"  # "skip" or "first_frame"
+    animated: str = "skip"  # "skip", "first_frame", or "frames" (every `frame_step`th, up to `max_frames`)
     max_pixels: int = DEFAULT_MAX_PIXELS
     verify_md5: bool = True  # check originals against the md5 the site publishes
+    frame_step: int = 10
+    max_frames: int = 8
 
     def __post_init__(self) -> None:
         if self.animated not in ANIMATED_POLICIES:
@@ -164,6 +171,8 @@ class MediaPolicy:
             raise ValueError(f"min_side must be > 0 or None, got {self.min_side}")
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be > 0, got {self.max_pixels}")
+        if self.frame_step < 1 or self.max_frames < 1:
+            raise ValueError(f"frame_step and max_frames must be >= 1, got {self.frame_step} and {self.max_frames}")
 
     def pick(self, listing: Listing) -> tuple[Variant | None, str]:
         """(variant, "") or (None, why the post is skipped: hidden / animated / oversize)."""
@@ -207,16 +216,21 @@ class MediaPolicy:
         if getattr(image, "is_animated", False):
             if self.animated == "skip":
                 raise DownloadRefused(post.site, url, "refused: an animated image (animated: skip)")
-            return FetchedFile(_first_frame_png(image, post.site, url), f"{post.variant}/first_frame")
+            if self.animated == "first_frame":
+                return FetchedFile(_frame_png(image, 0, post.site, url), f"{post.variant}/first_frame")
+            indexes = range(0, getattr(image, "n_frames", 1), self.frame_step)[: self.max_frames]
+            frames = [(f"{post.variant}/frame_{n:03d}", _frame_png(image, n, post.site, url)) for n in indexes]
+            (variant, first), *later = frames
+            return FetchedFile(first, variant, tuple(later))
         return FetchedFile(data, post.variant)
 
 
-def _first_frame_png(image: Image.Image, site: str, url: str) -> bytes:
+def _frame_png(image: Image.Image, index: int, site: str, url: str) -> bytes:
     try:
-        image.seek(0)
+        image.seek(index)
         frame = image.convert("RGBA")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DownloadRefused(site, url, f"refused: the animation's first frame cannot be decoded ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DownloadRefused(site, url, f"refused: the animation's frame {index} cannot be decoded ({exc})") from None
     buffer = io.BytesIO()
     frame.save(buffer, format="PNG")
     return buffer.getvalue()

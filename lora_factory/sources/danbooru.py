@@ -27,7 +27,7 @@ from lora_factory.sources.base import (
 )
 from lora_factory.sources.http import PoliteHttpClient, SiteError, url_with_params
 
-__all__ = ["CHARACTER_CATEGORY", "DanbooruClient", "PagingStats", "SitePost", "SiteTag"]
+__all__ = ["CHARACTER_CATEGORY", "DanbooruApiClient", "DanbooruClient", "PagingStats", "SitePost", "SiteTag"]
 
 # -- site facts ---------------------------------------------------------------------------
 MAX_PAGE_LIMIT = 200  # Danbooru caps `limit` at 200 posts per page
@@ -37,10 +37,9 @@ VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "zip", "swf"})  # zip: ugoira frame
 ANIMATED_TAGS = frozenset({"animated", "animated_gif", "animated_png"})
 
 
-class DanbooruClient(PagedSiteClient):
-    """Tag search and post listing on one Danbooru-API site."""
-
-    max_page_limit = MAX_PAGE_LIMIT
+class DanbooruApiClient(PagedSiteClient):
+    """What every Danbooru-API site shares: credentials, tag search and `page=b<id>` paging.
+    A site's own answer shapes come from `_tag_rows`, `_post_rows` and `_listings`."""
 
     def __init__(
         self,
@@ -67,9 +66,8 @@ class DanbooruClient(PagedSiteClient):
         if category is not None:
             params["search[category]"] = category
         url = url_with_params(urljoin(self.base_url, "tags.json"), params)
-        rows = self._get_list(url)
         tags = []
-        for row in rows:
+        for row in self._tag_rows(url):
             row = self._object(row, "tag entry", url)
             ref = f"tag {row.get('name')!r}"
             tags.append(SiteTag(
@@ -79,6 +77,9 @@ class DanbooruClient(PagedSiteClient):
             ))
         return tags
 
+    def _tag_rows(self, url: str) -> list[Any]:
+        return self._get_list(url)
+
     # -- posts --------------------------------------------------------------------------
 
     def _fetch_page(self, tag: str, cursor: str | None, limit: int) -> RawPage:
@@ -86,10 +87,26 @@ class DanbooruClient(PagedSiteClient):
         if cursor is not None:
             params["page"] = cursor
         url = url_with_params(urljoin(self.base_url, "posts.json"), params)
-        rows = self._get_list(url)
+        rows, may_go_on = self._post_rows(url, limit)
         ids = [row["id"] for row in rows if isinstance(row, dict) and isinstance(row.get("id"), int)]
+        return RawPage(url, rows, f"b{min(ids)}" if ids and may_go_on else None)
+
+    def _post_rows(self, url: str, limit: int) -> tuple[list[Any], bool]:
+        """(the page's post entries, whether a further page may exist)."""
         # Danbooru never says "last page": the walk ends on an empty page.
-        return RawPage(url, rows, f"b{min(ids)}" if ids else None)
+        return self._get_list(url), True
+
+    def _get_list(self, url: str) -> list[Any]:
+        data = self.http.get_json(url, site=self.site, auth=self._auth)
+        if not isinstance(data, list):
+            raise SiteError(self.site, url, f"expected a JSON list, got {type(data).__name__}: {str(data)[:120]}")
+        return data
+
+
+class DanbooruClient(DanbooruApiClient):
+    """Tag search and post listing on one Danbooru-API site."""
+
+    max_page_limit = MAX_PAGE_LIMIT
 
     def _listings(self, entry: Any, url: str) -> list[Listing]:
         row = self._object(entry, "post entry", url)
@@ -143,11 +160,3 @@ class DanbooruClient(PagedSiteClient):
         scale = min(1.0, SAMPLE_WIDTH / original.width) if original.width > 0 else 1.0
         return [Variant("sample", self._absolute(self.base_url, large, ref, url),
                         round(original.width * scale), round(original.height * scale), large.rsplit(".", 1)[-1].lower())]
-
-    # -- plumbing -----------------------------------------------------------------------
-
-    def _get_list(self, url: str) -> list[Any]:
-        data = self.http.get_json(url, site=self.site, auth=self._auth)
-        if not isinstance(data, list):
-            raise SiteError(self.site, url, f"expected a JSON list, got {type(data).__name__}: {str(data)[:120]}")
-        return data

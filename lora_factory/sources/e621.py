@@ -11,23 +11,18 @@ asks for a User-Agent naming the project and the user.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 from lora_factory.sources.base import (
     ANIMATED,
-    CHARACTER_CATEGORY,
     IMAGE,
     ORIGINAL,
     VIDEO,
     Listing,
-    MediaPolicy,
-    PagedSiteClient,
-    RawPage,
-    SiteTag,
     Variant,
     extension_of,
 )
-from lora_factory.sources.http import PoliteHttpClient, SiteError, url_with_params
+from lora_factory.sources.danbooru import DanbooruApiClient
+from lora_factory.sources.http import SiteError
 
 # -- site facts ---------------------------------------------------------------------------
 MAX_PAGE_LIMIT = 320
@@ -36,49 +31,21 @@ VIDEO_EXTENSIONS = frozenset({"webm", "mp4", "swf"})
 TAG_GROUPS = ("general", "artist", "copyright", "character", "species", "meta", "lore", "invalid", "contributor")
 
 
-class E621Client(PagedSiteClient):
+class E621Client(DanbooruApiClient):
     max_page_limit = MAX_PAGE_LIMIT
 
-    def __init__(self, site: str, base_url: str, http: PoliteHttpClient, login: str | None = None,
-                 api_key: str | None = None, media: MediaPolicy | None = None, page_limit: int = 100):
-        super().__init__(site, http, media, page_limit)
-        if urlsplit(base_url).scheme not in ("http", "https"):
-            raise ValueError(f"{site}: base_url must be an http(s) URL, got {base_url!r}")
-        if bool(login) != bool(api_key):
-            raise ValueError(f"{site}: give both login and api_key, or neither")
-        self.base_url = base_url.rstrip("/") + "/"
-        self._auth = (login, api_key) if login and api_key else None
-
-    def search_tags(self, pattern: str, category: int | None = CHARACTER_CATEGORY, limit: int = 20) -> list[SiteTag]:
-        params: dict[str, Any] = {"search[name_matches]": pattern, "search[order]": "count", "limit": limit}
-        if category is not None:
-            params["search[category]"] = category  # e621's character category is 4 too
-        url = url_with_params(urljoin(self.base_url, "tags.json"), params)
+    def _tag_rows(self, url: str) -> list[Any]:
         data = self.http.get_json(url, site=self.site, auth=self._auth)
         if isinstance(data, dict) and data.get("tags") == []:
             return []  # e621's way of saying "no tag matches"
-        tags = []
-        for row in self._list(data, "answer", url):
-            row = self._object(row, "tag entry", url)
-            ref = f"tag {row.get('name')!r}"
-            tags.append(SiteTag(
-                name=self._field(row, "name", str, ref, url),
-                post_count=self._field(row, "post_count", int, ref, url),
-                category=self._field(row, "category", int, ref, url),
-            ))
-        return tags
+        return self._list(data, "answer", url)  # e621's character category is 4 too
 
-    def _fetch_page(self, tag: str, cursor: str | None, limit: int) -> RawPage:
-        params: dict[str, Any] = {"tags": tag, "limit": limit}
-        if cursor is not None:
-            params["page"] = cursor
-        url = url_with_params(urljoin(self.base_url, "posts.json"), params)
+    def _post_rows(self, url: str, limit: int) -> tuple[list[Any], bool]:
         data = self._object(self.http.get_json(url, site=self.site, auth=self._auth), "answer", url)
         if "posts" not in data:
             raise SiteError(self.site, url, f"answer has no 'posts' (keys: {sorted(data)[:8]})")
         posts = self._list(data["posts"], "field 'posts'", url)
-        ids = [p["id"] for p in posts if isinstance(p, dict) and isinstance(p.get("id"), int)]
-        return RawPage(url, posts, f"b{min(ids)}" if ids and len(posts) >= limit else None)
+        return posts, len(posts) >= limit
 
     def _listings(self, entry: Any, url: str) -> list[Listing]:
         row = self._object(entry, "post entry", url)

@@ -1,8 +1,10 @@
 """Collect a character's posts from every site into content-addressed blobs + a manifest.
 
-The manifest is a Parquet table with one row per (site, post_id, candidate_tag). It is
-rewritten (atomically) after every page, so a killed run loses at most one page of rows,
-and a re-run reads it first and downloads only what it does not already hold. The same
+The manifest is a Parquet table with one row per (site, post_id, candidate_tag). Each page
+of rows is written (atomically) as its own part and the parts are folded into the one
+manifest file at the end of the run (or at the start of the next, after a kill), so a killed
+run loses at most one page of rows and memory stays flat in the number of posts. A re-run
+reads the manifest first and downloads only what it does not already hold. The same
 picture found on two sites (or twice on one) is stored once: blobs are named by content,
 and a file whose original md5 is already held is not downloaded again.
 
@@ -17,14 +19,23 @@ import logging
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
 import pyarrow as pa
 
-from lora_factory.sources.base import CHARACTER_CATEGORY, ORIGINAL, PagingStats, SiteClient, SitePost, SiteTag
+from lora_factory.sources.base import (
+    CHARACTER_CATEGORY,
+    ORIGINAL,
+    PagingStats,
+    SiteClient,
+    SitePost,
+    SiteTag,
+)
 from lora_factory.sources.http import SiteError
+from lora_factory.sources.manifest_parts import ManifestParts
 from lora_factory.storage import BlobStore, atomic_write_json, read_table, write_table
 
 logger = logging.getLogger(__name__)
@@ -38,7 +49,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("sha256", pa.string()),  # of the stored bytes; null when the download failed
         ("file_url", pa.string()),
         ("file_ext", pa.string()),
-        ("variant", pa.string()),  # "original", "sample", ...; "/first_frame" added for a cut animation
+        ("variant", pa.string()),  # "original", "sample", ...; "/first_frame" or "/frame_NNN" for a cut animation
         ("media", pa.string()),  # image, animated or video, as listed
         ("width", pa.int64()),  # of the original; null when the site does not say
         ("height", pa.int64()),
@@ -53,6 +64,9 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
+KEY_COLUMNS = ["site", "post_id", "candidate_tag"]
+HELD_COLUMNS = ["site", "post_id", "candidate_tag", "md5", "sha256", "downloaded_at", "variant"]
+
 PER_TAG_COLUMNS = [
     "site", "candidate_tag", "posts", "new_posts", "reused_posts", "downloaded_bytes", "failed",
     "hidden_skipped", "animated_skipped", "oversize_skipped", "pages", "stop_reason", "listing_error",
@@ -64,7 +78,7 @@ COUNT_COLUMNS = [
 CAUGHT_UP = "caught up: a whole page was already stored"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per stored post: kept small
 class HeldFile:
     """A file the blob store already holds, when it was downloaded, and which rendition."""
 
@@ -91,14 +105,34 @@ class ScrapeCounts:
 
 @dataclass
 class ScrapeResult:
-    manifest: pd.DataFrame
+    manifest_path: Path
     counts: ScrapeCounts
     per_tag: pd.DataFrame  # PER_TAG_COLUMNS, one row per (site, candidate_tag)
     listing_errors: list[str] = field(default_factory=list)
+    manifest_stamp: tuple[int, int, int] | None = None  # the file this run wrote; see `manifest`
+
+    @cached_property
+    def manifest(self) -> pd.DataFrame:
+        """The whole manifest this run wrote, read on first use (scraping itself never holds it)."""
+        if self.manifest_stamp is not None and _file_stamp(self.manifest_path) != self.manifest_stamp:
+            raise RuntimeError(
+                f"{self.manifest_path} was rewritten after this scrape; read `.manifest` before scraping "
+                "the same path again"
+            )
+        return read_table(self.manifest_path)
 
     @property
     def per_site(self) -> pd.DataFrame:
         return self.per_tag.groupby("site", as_index=False)[COUNT_COLUMNS].sum()
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """Changes whenever the file is replaced (atomic writes give a new inode)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 @dataclass
@@ -136,18 +170,59 @@ def scrape_character(
     if unknown:
         raise ValueError(f"{character_key}: no client configured for site(s) {unknown}; configured: {sorted(clients)}")
     manifest_path = Path(manifest_path)
-    rows = _load_manifest_rows(manifest_path)
+    parts = ManifestParts(manifest_path, MANIFEST_SCHEMA, KEY_COLUMNS)
+    parts.compact()  # pages a killed run left behind
     walks_file = walks_path(manifest_path)
     walks: dict[str, dict[str, Any]] = _load_walks(walks_file)
-    held_by_post: dict[tuple[str, str], HeldFile] = {}
+    # Only what dedup and resuming need stays in memory, not the rows themselves.
+    posts_by_tag: dict[tuple[str, str], set[str]] = {}
+    held_by_post: dict[tuple[str, str], dict[str, HeldFile]] = {}
     held_by_md5: dict[str, HeldFile] = {}
-    for row in rows.values():
-        if row["sha256"] and blobs.has(row["sha256"]):
-            held = HeldFile(row["sha256"], row["downloaded_at"], row["variant"])
-            held_by_post[(row["site"], row["post_id"])] = held
-            if row["variant"] == ORIGINAL and row["md5"]:
-                held_by_md5[row["md5"]] = held
+    for table in parts.iter_batches(HELD_COLUMNS):
+        for row in table.to_pylist():
+            posts_by_tag.setdefault((row["site"], row["candidate_tag"]), set()).add(row["post_id"])
+            if row["sha256"] and blobs.has(row["sha256"]):
+                held = HeldFile(row["sha256"], row["downloaded_at"], row["variant"])
+                held_by_post.setdefault((row["site"], row["post_id"]), {})[row["variant"]] = held
+                if row["variant"] == ORIGINAL and row["md5"]:
+                    held_by_md5[row["md5"]] = held
 
+    try:
+        totals, per_tag, listing_errors = _scrape_tags(
+            character_key, candidate_tags_by_site, clients, blobs, parts, walks, walks_file,
+            posts_by_tag, held_by_post, held_by_md5, max_posts_per_tag, log,
+        )
+    finally:
+        parts.compact()  # also after an interrupt, so the manifest holds every finished page
+    if per_tag and len(listing_errors) == len(per_tag) and totals.posts == 0:
+        raise RuntimeError(
+            f"{character_key}: no site could be listed, nothing scraped:\n" + "\n".join(listing_errors)
+        )
+    if not manifest_path.is_file():
+        write_table(pa.Table.from_pylist([], schema=MANIFEST_SCHEMA).to_pandas(), manifest_path, MANIFEST_SCHEMA)
+    return ScrapeResult(
+        manifest_path=manifest_path,
+        manifest_stamp=_file_stamp(manifest_path),
+        counts=totals,
+        per_tag=pd.DataFrame(per_tag, columns=PER_TAG_COLUMNS),
+        listing_errors=listing_errors,
+    )
+
+
+def _scrape_tags(
+    character_key: str,
+    candidate_tags_by_site: dict[str, list[str]],
+    clients: dict[str, SiteClient],
+    blobs: BlobStore,
+    parts: ManifestParts,
+    walks: dict[str, dict[str, Any]],
+    walks_file: Path,
+    posts_by_tag: dict[tuple[str, str], set[str]],
+    held_by_post: dict[tuple[str, str], dict[str, HeldFile]],
+    held_by_md5: dict[str, HeldFile],
+    max_posts_per_tag: int,
+    log: Callable[[str], None],
+) -> tuple[ScrapeCounts, list[dict[str, Any]], list[str]]:
     totals = ScrapeCounts()
     per_tag: list[dict[str, Any]] = []
     listing_errors: list[str] = []
@@ -155,18 +230,18 @@ def scrape_character(
         client = clients[site]
         for tag in dict.fromkeys(tags):  # de-duplicated, order kept
             walk_key = f"{site}\t{tag}"
-            walk = _tag_walk(rows, site, tag, held_by_post, walks.get(walk_key), max_posts_per_tag,
-                             getattr(client, "lists_newest_first", False))
+            walk = _tag_walk(posts_by_tag.get((site, tag), set()), site, held_by_post, walks.get(walk_key),
+                             max_posts_per_tag, getattr(client, "lists_newest_first", False))
             counts, stats = ScrapeCounts(), PagingStats()
             listing_error = None
             caught_up = False
             try:
                 for page in client.iter_pages(tag, max_posts_per_tag, stats=stats):
+                    page_rows = []
                     for post in page:
                         walk.failed.discard(post.post_id)  # retried now, whatever comes of it
-                        row = _row_for_post(post, tag, client, blobs, held_by_post, held_by_md5, counts)
-                        rows[(site, post.post_id, tag)] = row
-                    write_table(_manifest_frame(rows), manifest_path, MANIFEST_SCHEMA)
+                        page_rows.extend(_rows_for_post(post, tag, client, blobs, held_by_post, held_by_md5, counts))
+                    parts.append(page_rows)
                     if walk.may_stop_early and not walk.failed and all(p.post_id in walk.stored for p in page):
                         caught_up = True
                         stats.stop_reason = CAUGHT_UP
@@ -194,73 +269,63 @@ def scrape_character(
                 f"{counts.animated_skipped} animated skipped, {counts.oversize_skipped} over the pixel cap), "
                 f"{counts.downloaded_bytes} bytes downloaded in {stats.pages} pages; {stats.stop_reason}"
             )
-    if per_tag and len(listing_errors) == len(per_tag) and totals.posts == 0:
-        raise RuntimeError(
-            f"{character_key}: no site could be listed, nothing scraped:\n" + "\n".join(listing_errors)
-        )
-    manifest = _manifest_frame(rows)
-    write_table(manifest, manifest_path, MANIFEST_SCHEMA)
-    return ScrapeResult(
-        manifest=manifest,
-        counts=totals,
-        per_tag=pd.DataFrame(per_tag, columns=PER_TAG_COLUMNS),
-        listing_errors=listing_errors,
-    )
+    return totals, per_tag, listing_errors
 
 
 def _tag_walk(
-    rows: dict[tuple[str, str, str], dict[str, Any]],
+    post_ids: set[str],
     site: str,
-    tag: str,
-    held_by_post: dict[tuple[str, str], HeldFile],
+    held_by_post: dict[tuple[str, str], dict[str, HeldFile]],
     previous: dict[str, Any] | None,
     max_posts: int,
     newest_first: bool,
 ) -> _TagWalk:
     stored, failed = set(), set()
-    for (row_site, post_id, row_tag) in rows:
-        if row_site == site and row_tag == tag:
-            (stored if (site, post_id) in held_by_post else failed).add(post_id)
+    for post_id in post_ids:
+        (stored if (site, post_id) in held_by_post else failed).add(post_id)
     # A walk that went less deep than this run may go does not cover the older posts.
     finished = bool(previous and previous.get("finished") and previous.get("max_posts", 0) >= max_posts)
     # Only where new uploads come first does a page of stored posts mean "nothing new below".
     return _TagWalk(stored, failed, may_stop_early=newest_first and finished and bool(stored))
 
 
-def _row_for_post(
+def _rows_for_post(
     post: SitePost,
     tag: str,
     client: SiteClient,
     blobs: BlobStore,
-    held_by_post: dict[tuple[str, str], HeldFile],
+    held_by_post: dict[tuple[str, str], dict[str, HeldFile]],
     held_by_md5: dict[str, HeldFile],
     counts: ScrapeCounts,
-) -> dict[str, Any]:
-    """The manifest row for `post`, downloading its file only when no blob holds it yet."""
+) -> list[dict[str, Any]]:
+    """The manifest rows for `post` (one, or one per animation frame kept), downloading its
+    file only when no blob holds it yet."""
     counts.posts += 1
     row = _post_row(post, tag)
     held = held_by_post.get((post.site, post.post_id))
-    if held is None and post.variant == ORIGINAL and post.md5:
-        held = held_by_md5.get(post.md5)  # the same original, found on another site or post
+    if held is None and post.variant == ORIGINAL and post.md5 and post.md5 in held_by_md5:
+        the_same = held_by_md5[post.md5]  # the same original, found on another site or post
+        held = {the_same.variant: the_same}
     if held is not None:
         counts.reused_posts += 1
-        row.update(sha256=held.sha256, downloaded_at=held.downloaded_at, variant=held.variant)
         held_by_post[(post.site, post.post_id)] = held
-        return row
+        return [{**row, "sha256": h.sha256, "downloaded_at": h.downloaded_at, "variant": h.variant}
+                for h in held.values()]
     try:
         fetched = client.fetch(post)
     except SiteError as exc:
         counts.failed += 1
         row["error"] = exc.reason
-        return row
-    held = HeldFile(blobs.put(fetched.data), datetime.now(timezone.utc), fetched.variant)
+        return [row]
+    now = datetime.now(timezone.utc)
+    held = {variant: HeldFile(blobs.put(data), now, variant) for variant, data in fetched.stored_files()}
     held_by_post[(post.site, post.post_id)] = held
     if fetched.variant == ORIGINAL and post.md5:
-        held_by_md5[post.md5] = held
+        held_by_md5[post.md5] = held[ORIGINAL]
     counts.new_posts += 1
-    counts.downloaded_bytes += len(fetched.data)
-    row.update(sha256=held.sha256, downloaded_at=held.downloaded_at, variant=held.variant)
-    return row
+    counts.downloaded_bytes += sum(len(data) for _, data in fetched.stored_files())
+    return [{**row, "sha256": h.sha256, "downloaded_at": h.downloaded_at, "variant": h.variant}
+            for h in held.values()]
 
 
 def _post_row(post: SitePost, tag: str) -> dict[str, Any]:
@@ -274,23 +339,6 @@ def _post_row(post: SitePost, tag: str) -> dict[str, Any]:
     }
 
 
-def _load_manifest_rows(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    frame = read_table(path)
-    if "post_id" in frame.columns:
-        frame["post_id"] = frame["post_id"].astype(str)  # manifests from before string ids
-    if "media" not in frame.columns:
-        frame["media"] = "image"
-    try:
-        table = pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as exc:
-        raise ValueError(
-            f"{path} is not a scrape manifest with the current schema ({exc}); move it away to rescrape"
-        ) from exc
-    return {(row["site"], row["post_id"], row["candidate_tag"]): row for row in table.to_pylist()}
-
-
 def _load_walks(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
@@ -299,10 +347,6 @@ def _load_walks(path: Path) -> dict[str, dict[str, Any]]:
     except ValueError:
         return {}  # unreadable: every tag is walked in full, which is always safe
     return walks if isinstance(walks, dict) else {}
-
-
-def _manifest_frame(rows: dict[tuple[str, str, str], dict[str, Any]]) -> pd.DataFrame:
-    return pa.Table.from_pylist(list(rows.values()), schema=MANIFEST_SCHEMA).to_pandas()
 
 
 # -- candidate tags ---------------------------------------------------------------------

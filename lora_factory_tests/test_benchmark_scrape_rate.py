@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from lora_factory.benchmarks.scrape_rate import FIXTURE_TAG, FixtureSite, host_rates, split_posts
+from lora_factory.benchmarks.scrape_rate import (
+    FIXTURE_TAG,
+    FixtureSite,
+    host_rates,
+    split_posts,
+)
 from lora_factory.sources.danbooru import DanbooruClient
 from lora_factory.sources.http import PoliteHttpClient
 from lora_factory.sources.scrape import scrape_character

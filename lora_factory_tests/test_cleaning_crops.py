@@ -1,6 +1,11 @@
 import pytest
 
-from lora_factory.cleaning.crops import Crop, clip_box, squared_head_box, three_stage_crops
+from lora_factory.cleaning.crops import (
+    Crop,
+    clip_box,
+    squared_head_box,
+    three_stage_crops,
+)
 
 IMAGE = (400, 600)
 PERSON = (100, 50, 300, 550)

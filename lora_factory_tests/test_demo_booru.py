@@ -12,12 +12,22 @@ import pytest
 import requests
 from PIL import Image
 
-from lora_factory.cleaning.dedup import DEFAULT_MAX_DISTANCE, pairwise_hamming, perceptual_hash
+from lora_factory.cleaning.dedup import (
+    DEFAULT_MAX_DISTANCE,
+    pairwise_hamming,
+    perceptual_hash,
+)
 from lora_factory.demo import booru as demo
 from lora_factory.demo.booru import DemoBooru, DemoBooruServer
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_post, figure_shapes, width_ratio
-from lora_factory.demo.palette import BACKGROUNDS, EYE_COLOURS, HAIR_COLOURS, SKIN, TAG_COLOURS
+from lora_factory.demo.palette import (
+    BACKGROUNDS,
+    EYE_COLOURS,
+    HAIR_COLOURS,
+    SKIN,
+    TAG_COLOURS,
+)
 from lora_factory.demo.poses import SHOULDER_Y, random_pose
 
 ALLOWED_COLOURS = {*TAG_COLOURS.values(), SKIN, *BACKGROUNDS.values()}

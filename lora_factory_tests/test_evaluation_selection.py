@@ -6,7 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lora_factory.evaluation.selection import choose_step, fbeta_score, selection_rule_text
+from lora_factory.evaluation.selection import (
+    choose_step,
+    fbeta_score,
+    selection_rule_text,
+)
 
 
 def table(rows: list[tuple[int, float, float, float]]) -> pd.DataFrame:

@@ -7,7 +7,12 @@ import json
 import pytest
 from sources_loopback import image_bytes
 
-from lora_factory.sources.base import CHARACTER_CATEGORY, UNKNOWN_CATEGORY, MediaPolicy, SiteTag
+from lora_factory.sources.base import (
+    CHARACTER_CATEGORY,
+    UNKNOWN_CATEGORY,
+    MediaPolicy,
+    SiteTag,
+)
 from lora_factory.sources.http import DownloadRefused, SiteError
 from lora_factory.sources.local_folder import LocalFolderClient
 from lora_factory.sources.scrape import scrape_character

@@ -18,7 +18,12 @@ from site_fixtures import (
 )
 from sources_loopback import LoopbackSite, json_reply
 
-from lora_factory.sources.base import CHARACTER_CATEGORY, UNKNOWN_CATEGORY, MediaPolicy, PagingStats
+from lora_factory.sources.base import (
+    CHARACTER_CATEGORY,
+    UNKNOWN_CATEGORY,
+    MediaPolicy,
+    PagingStats,
+)
 from lora_factory.sources.e621 import E621Client
 from lora_factory.sources.gelbooru import GelbooruClient
 from lora_factory.sources.http import PoliteHttpClient, SiteError

@@ -21,7 +21,10 @@ from lora_factory.training.kohya_format import (
     read_kohya_lora,
     save_kohya_lora,
 )
-from lora_factory.training.sd15_architecture import build_clip_l_text_encoder, build_sd15_unet
+from lora_factory.training.sd15_architecture import (
+    build_clip_l_text_encoder,
+    build_sd15_unet,
+)
 from lora_factory.training.tiny_sd import build_tiny_sd15
 
 RANK, ALPHA = 4, 3.0  # alpha != rank: a converter that writes alpha = rank gets caught

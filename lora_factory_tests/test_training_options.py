@@ -19,7 +19,10 @@ from lora_factory.training.dataset import CaptionedLatentDataset, TrainingExampl
 from lora_factory.training.gpu import NoFreeGpuError, claim_gpu
 from lora_factory.training.kohya_format import kohya_module_name, read_kohya_lora
 from lora_factory.training.module import LoraTrainingModule
-from lora_factory.training.optimizers import OptimizerUnavailableError, resolve_optimizer
+from lora_factory.training.optimizers import (
+    OptimizerUnavailableError,
+    resolve_optimizer,
+)
 from lora_factory.training.tiny_sd import build_tiny_sd15
 from lora_factory.training.train import TrainingOutOfMemoryError, train_lora
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lora_factory.training.base_model import (
-    native_resolution,
     BaseModelError,
     encode_prompt,
     load_base_model,
+    native_resolution,
     tokenize_captions,
 )
 from lora_factory.training.tiny_sd import BUILD_MARKER, build_tiny_sd15, byte_symbols

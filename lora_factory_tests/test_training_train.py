@@ -20,7 +20,12 @@ from lora_factory.training.dataset import TrainingExample
 from lora_factory.training.job import TrainingJob
 from lora_factory.training.kohya_format import kohya_module_name, read_kohya_lora
 from lora_factory.training.tiny_sd import build_tiny_sd15
-from lora_factory.training.train import MANIFEST_NAME, STATE_DIR_NAME, STATE_FILE_NAME, train_lora
+from lora_factory.training.train import (
+    MANIFEST_NAME,
+    STATE_DIR_NAME,
+    STATE_FILE_NAME,
+    train_lora,
+)
 
 CONFIG = TrainingConfig(rank=4, alpha=2, max_train_steps=4, save_every_n_steps=2, log_every_n_steps=1, batch_size=4)
 TRIGGER = "tiny_char"

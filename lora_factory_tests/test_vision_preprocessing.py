@@ -6,8 +6,18 @@ import onnx
 import pytest
 from PIL import Image
 
-from lora_factory.vision.classifiers import ImageClassifier, looks_like_probabilities, softmax
-from lora_factory.vision.detection import YoloDetector, iou, labels_from_metadata, letterbox, nms
+from lora_factory.vision.classifiers import (
+    ImageClassifier,
+    looks_like_probabilities,
+    softmax,
+)
+from lora_factory.vision.detection import (
+    YoloDetector,
+    iou,
+    labels_from_metadata,
+    letterbox,
+    nms,
+)
 from lora_factory.vision.identity import IdentityModel
 from lora_factory.vision.tagger import WD14Tagger, mcut_threshold
 from lora_factory.vision.tiny_models import build_tiny_model

@@ -13,7 +13,11 @@ from lora_factory.storage import factory_home
 from lora_factory.vision.classifiers import ImageClassifier
 from lora_factory.vision.detection import YoloDetector
 from lora_factory.vision.identity import IdentityModel
-from lora_factory.vision.models import CLASSIFIER_ROLES, DEFAULT_REAL_MODELS, DETECTOR_ROLES
+from lora_factory.vision.models import (
+    CLASSIFIER_ROLES,
+    DEFAULT_REAL_MODELS,
+    DETECTOR_ROLES,
+)
 from lora_factory.vision.registry import ModelNotFoundError, ModelRegistry
 from lora_factory.vision.tagger import WD14Tagger
 

@@ -18,7 +18,12 @@ from lora_factory.matching.visual import (
 )
 from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
-from lora_factory.resources import CharacterIndex, FactoryStorage, ImageSites, VisionModelsResource
+from lora_factory.resources import (
+    CharacterIndex,
+    FactoryStorage,
+    ImageSites,
+    VisionModelsResource,
+)
 from lora_factory.sources.scrape import (
     candidate_tags,
     candidates_frame,

@@ -107,7 +107,12 @@ def random_sd15_base(device: torch.device, dtype: torch.dtype, work_dir: Path):
         build_sd15_unet,
         build_sd15_vae,
     )
-    from lora_factory.training.tiny_sd import BOS_TOKEN, EOS_TOKEN, MAX_TOKENS, write_byte_level_bpe
+    from lora_factory.training.tiny_sd import (
+        BOS_TOKEN,
+        EOS_TOKEN,
+        MAX_TOKENS,
+        write_byte_level_bpe,
+    )
 
     vocab = write_byte_level_bpe(work_dir / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(work_dir / "tokenizer", model_max_length=MAX_TOKENS)

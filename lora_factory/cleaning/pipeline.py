@@ -29,7 +29,12 @@ import pandas as pd
 from PIL import Image
 
 from lora_factory.cleaning.crops import CROP_KINDS, Crop, clip_box, three_stage_crops
-from lora_factory.cleaning.decode import DEFAULT_MAX_AREA, DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from lora_factory.cleaning.decode import (
+    DEFAULT_MAX_AREA,
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    decode_image,
+)
 from lora_factory.cleaning.dedup import (
     DEFAULT_MAX_DISTANCE,
     NearDuplicateIndex,

@@ -18,7 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lora_factory.evaluation.prompts import PreviewPrompt
-from lora_factory.training.base_model import encode_token_ids, load_base_model, pick_device, tokenize_captions
+from lora_factory.training.base_model import (
+    encode_token_ids,
+    load_base_model,
+    pick_device,
+    tokenize_captions,
+)
 
 ADAPTER_NAME = "preview"
 

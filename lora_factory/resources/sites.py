@@ -66,7 +66,12 @@ class ImageSites(dg.ConfigurableResource):
     def build(self) -> tuple[dict, list[str]]:
         """(clients of the enabled sites, one message per site skipped for lack of credentials)."""
         from lora_factory.sources.base import MediaPolicy
-        from lora_factory.sources.registry import PRESETS, HttpSettings, SiteSettings, build_clients
+        from lora_factory.sources.registry import (
+            PRESETS,
+            HttpSettings,
+            SiteSettings,
+            build_clients,
+        )
 
         settings = []
         for site in self.site_configs():

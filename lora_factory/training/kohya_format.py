@@ -121,8 +121,8 @@ def _layer_tensors(module_path: str, layer, adapter_name: str, alpha: float) -> 
 
 
 def _adapter_layers(model: torch.nn.Module, adapter_name: str):
-    from peft.tuners.lycoris_utils import LycorisLayer
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     for module_path, module in model.named_modules():
         if isinstance(module, LoraLayer):

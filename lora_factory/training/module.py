@@ -20,9 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from lora_factory.storage import atomic_write_bytes, sha256_file
+
 # add_lora_adapters is re-exported: other stages build LoRA adapters from here.
 from lora_factory.training.adapters import add_adapters, add_lora_adapters  # noqa: F401
-from lora_factory.training.base_model import BaseModel, encode_token_ids, tokenize_captions
+from lora_factory.training.base_model import (
+    BaseModel,
+    encode_token_ids,
+    tokenize_captions,
+)
 from lora_factory.training.config import TrainingConfig
 from lora_factory.training.dataset import BucketDataLoader, CaptionedLatentDataset
 from lora_factory.training.kohya_format import peft_to_kohya_state_dict

@@ -100,7 +100,12 @@ def _build(target_dir: Path, seed: int) -> Path:
 
 
 def _tiny_pipeline(tokenizer_dir: Path, seed: int):
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = write_byte_level_bpe(tokenizer_dir)

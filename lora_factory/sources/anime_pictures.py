@@ -13,7 +13,7 @@ looks up the exact name of a pattern like "hatsune_miku*".
 from __future__ import annotations
 
 from typing import Any, Mapping
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 from lora_factory.sources.base import (
     ARTIST_CATEGORY,
@@ -29,6 +29,7 @@ from lora_factory.sources.base import (
     SitePost,
     SiteTag,
     Variant,
+    check_http_url,
 )
 from lora_factory.sources.http import PoliteHttpClient, url_with_params
 
@@ -48,8 +49,7 @@ class AnimePicturesClient(PagedSiteClient):
     def __init__(self, site: str, base_url: str, http: PoliteHttpClient, api_key: str,
                  media: MediaPolicy | None = None, page_limit: int = 80):
         super().__init__(site, http, media, page_limit)
-        if urlsplit(base_url).scheme not in ("http", "https"):
-            raise ValueError(f"{site}: base_url must be an http(s) URL, got {base_url!r}")
+        check_http_url(site, "base_url", base_url)
         if not api_key:
             raise ValueError(f"{site}: api_key (the {SESSION_COOKIE} session token) is needed to download originals")
         self.base_url = base_url.rstrip("/") + "/"

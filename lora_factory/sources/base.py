@@ -266,6 +266,12 @@ class RawPage:
     next_cursor: str | None  # None: the site says there is no further page
 
 
+def check_http_url(site: str, name: str, url: str) -> None:
+    """A clear error when a configured URL is not http(s) (a config mistake)."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"{site}: {name} must be an http(s) URL, got {url!r}")
+
+
 class PagedSiteClient(ABC):
     """Paging, media rules and downloads for one site; a family implements `_fetch_page`
     and `_listings` (and `search_tags`)."""

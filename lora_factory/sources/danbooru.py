@@ -8,7 +8,7 @@ Endpoints: `/tags.json` (tag search) and `/posts.json` (listing), paged by `page
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from lora_factory.sources.base import (
     ANIMATED,
@@ -24,6 +24,7 @@ from lora_factory.sources.base import (
     SitePost,
     SiteTag,
     Variant,
+    check_http_url,
 )
 from lora_factory.sources.http import PoliteHttpClient, SiteError, url_with_params
 
@@ -52,8 +53,7 @@ class DanbooruApiClient(PagedSiteClient):
         page_limit: int = 100,
     ):
         super().__init__(site, http, media, page_limit)
-        if urlsplit(base_url).scheme not in ("http", "https"):
-            raise ValueError(f"{site}: base_url must be an http(s) URL, got {base_url!r}")
+        check_http_url(site, "base_url", base_url)
         if bool(login) != bool(api_key):
             raise ValueError(f"{site}: give both login and api_key, or neither")
         self.base_url = base_url.rstrip("/") + "/"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from abc import abstractmethod
 from typing import Any
-from urllib.parse import urlsplit
 
 from lora_factory.sources.base import (
     ANIMATED,
@@ -31,6 +30,7 @@ from lora_factory.sources.base import (
     RawPage,
     SiteTag,
     Variant,
+    check_http_url,
     extension_of,
     glob_pattern_to_regex,
 )
@@ -65,8 +65,7 @@ class _GelbooruFamily(PagedSiteClient):
     ):
         super().__init__(site, http, media, page_limit)
         for name, url in (("base_url", base_url), ("file_base_url", file_base_url or base_url)):
-            if urlsplit(url).scheme not in ("http", "https"):
-                raise ValueError(f"{site}: {name} must be an http(s) URL, got {url!r}")
+            check_http_url(site, name, url)
         if bool(user_id) != bool(api_key):
             raise ValueError(f"{site}: give both user_id and api_key, or neither")
         self.base_url = base_url.rstrip("/") + "/"

@@ -10,7 +10,7 @@ Tag search is `/tag.json?name=<pattern>&order=count&type=4`. Reading needs no ac
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from lora_factory.sources.base import (
     ANIMATED,
@@ -28,6 +28,7 @@ from lora_factory.sources.base import (
     RawPage,
     SiteTag,
     Variant,
+    check_http_url,
     extension_of,
 )
 from lora_factory.sources.http import PoliteHttpClient, SiteError, url_with_params
@@ -54,8 +55,7 @@ class MoebooruClient(PagedSiteClient):
     def __init__(self, site: str, base_url: str, http: PoliteHttpClient, media: MediaPolicy | None = None,
                  page_limit: int = 100):
         super().__init__(site, http, media, page_limit)
-        if urlsplit(base_url).scheme not in ("http", "https"):
-            raise ValueError(f"{site}: base_url must be an http(s) URL, got {base_url!r}")
+        check_http_url(site, "base_url", base_url)
         self.base_url = base_url.rstrip("/") + "/"
         self._tag_types: dict[str, str] = {}
 

@@ -31,6 +31,7 @@ from lora_factory.sources.base import (
     SitePost,
     SiteTag,
     Variant,
+    check_http_url,
     extension_of,
 )
 from lora_factory.sources.http import PoliteHttpClient, SiteError, url_with_params
@@ -58,8 +59,7 @@ class PixivClient(PagedSiteClient):
                  media: MediaPolicy | None = None, auth_url: str = AUTH_URL, page_limit: int = PAGE_SIZE):
         super().__init__(site, http, media, page_limit)
         for name, url in (("base_url", base_url), ("auth_url", auth_url)):
-            if urlsplit(url).scheme not in ("http", "https"):
-                raise ValueError(f"{site}: {name} must be an http(s) URL, got {url!r}")
+            check_http_url(site, name, url)
         if not refresh_token:
             raise ValueError(f"{site}: a refresh_token is needed to use the Pixiv API")
         self.base_url = base_url.rstrip("/") + "/"

@@ -12,7 +12,7 @@ from signed, expiring URLs on *.sankakucomplex.com, so they are fetched page by 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from lora_factory.sources.base import (
     ANIMATED,
@@ -31,6 +31,7 @@ from lora_factory.sources.base import (
     RawPage,
     SiteTag,
     Variant,
+    check_http_url,
     extension_of,
     glob_pattern_to_regex,
 )
@@ -53,8 +54,7 @@ class SankakuClient(PagedSiteClient):
     def __init__(self, site: str, base_url: str, http: PoliteHttpClient, login: str | None = None,
                  password: str | None = None, media: MediaPolicy | None = None, page_limit: int = 100):
         super().__init__(site, http, media, page_limit)
-        if urlsplit(base_url).scheme not in ("http", "https"):
-            raise ValueError(f"{site}: base_url must be an http(s) URL, got {base_url!r}")
+        check_http_url(site, "base_url", base_url)
         if bool(login) != bool(password):
             raise ValueError(f"{site}: give both login and password, or neither")
         self.base_url = base_url.rstrip("/") + "/"

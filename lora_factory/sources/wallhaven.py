@@ -12,7 +12,7 @@ search API: give the query in the index (`site_tags`). The API allows 45 request
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from lora_factory.sources.base import (
     CHARACTER_CATEGORY,
@@ -23,6 +23,7 @@ from lora_factory.sources.base import (
     RawPage,
     SiteTag,
     Variant,
+    check_http_url,
     extension_of,
 )
 from lora_factory.sources.http import PoliteHttpClient, url_with_params
@@ -46,8 +47,7 @@ class WallhavenClient(PagedSiteClient):
     def __init__(self, site: str, base_url: str, http: PoliteHttpClient, api_key: str | None = None,
                  media: MediaPolicy | None = None, page_limit: int = PAGE_SIZE):
         super().__init__(site, http, media, page_limit)
-        if urlsplit(base_url).scheme not in ("http", "https"):
-            raise ValueError(f"{site}: base_url must be an http(s) URL, got {base_url!r}")
+        check_http_url(site, "base_url", base_url)
         self.base_url = base_url.rstrip("/") + "/"
         self._key = {"apikey": api_key} if api_key else {}
 

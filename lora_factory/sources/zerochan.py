@@ -13,7 +13,7 @@ The API page asks for a User-Agent naming the project and the Zerochan username,
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote_plus, urljoin, urlsplit
+from urllib.parse import quote_plus, urljoin
 
 from lora_factory.sources.base import (
     CHARACTER_CATEGORY,
@@ -24,6 +24,7 @@ from lora_factory.sources.base import (
     RawPage,
     SiteTag,
     Variant,
+    check_http_url,
     extension_of,
 )
 from lora_factory.sources.http import PoliteHttpClient, url_with_params
@@ -40,8 +41,7 @@ class ZerochanClient(PagedSiteClient):
     def __init__(self, site: str, base_url: str, http: PoliteHttpClient, media: MediaPolicy | None = None,
                  page_limit: int = 100):
         super().__init__(site, http, media, page_limit)
-        if urlsplit(base_url).scheme not in ("http", "https"):
-            raise ValueError(f"{site}: base_url must be an http(s) URL, got {base_url!r}")
+        check_http_url(site, "base_url", base_url)
         self.base_url = base_url.rstrip("/") + "/"
 
     def search_tags(self, pattern: str, category: int | None = CHARACTER_CATEGORY, limit: int = 20) -> list[SiteTag]:

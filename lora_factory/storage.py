@@ -8,15 +8,18 @@ earlier run stored (same bytes -> same sha256 -> same path).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 DEFAULT_HOME = ".lora_factory"
 
@@ -84,6 +87,11 @@ class BlobStore:
 
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+    def images(self, hashes: Iterable[str]) -> Iterator[Image.Image]:
+        """Stored pictures (crops, by sha256) as RGB, read one at a time as they are used,
+        so a long list of crops never sits in memory at once."""
+        return (Image.open(io.BytesIO(self.get(sha))).convert("RGB") for sha in hashes)
 
 
 def write_table(frame: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:

@@ -116,7 +116,7 @@ def cleaned_crops(
     quarantine = read_table(quarantine_path)
     sample = crops.head(48)
     sheet = contact_sheet_png(
-        stage.images(sample["crop_sha256"]), labels=list(sample["kind"]), thumb=96, cols=8
+        list(stage.images(sample["crop_sha256"])), labels=list(sample["kind"]), thumb=96, cols=8
     )
     purity = float(stage.stamp.summary["purity"])
     # Asked on every run, reused or not: other characters' crops change independently.

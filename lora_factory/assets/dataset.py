@@ -200,7 +200,7 @@ def _cluster_sheets(stage: Stage, table: pd.DataFrame, clusters: pd.DataFrame) -
             heading += f", trigger `{cluster.trigger}`"
         parts.append(f"{heading}: {', '.join(cluster.tags) or '(no outfit tags)'}")
         if len(members):
-            sheet = contact_sheet_png(stage.images(members["crop_sha256"]), thumb=96, cols=8)
+            sheet = contact_sheet_png(list(stage.images(members["crop_sha256"])), thumb=96, cols=8)
             parts.append(markdown_image(sheet, f"cluster {cluster.cluster}"))
     return "\n\n".join(parts)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +65,9 @@ class Stage:
         self.reused = self.stamp = None
         return True
 
-    def images(self, hashes: Iterable[str]) -> list[Image.Image]:
-        """Stored images (crops, by sha256) as RGB."""
-        return [Image.open(io.BytesIO(self.store.blobs.get(sha))).convert("RGB") for sha in hashes]
+    def images(self, hashes: Iterable[str]) -> Iterator[Image.Image]:
+        """Stored images (crops, by sha256) as RGB, read one at a time as they are used."""
+        return self.store.blobs.images(hashes)
 
     def upstream(self, name: str) -> Stamp:
         return self.stamps.require(name, self.key)

@@ -16,7 +16,7 @@ probabilities; pass "probabilities" or "logits" to decide explicitly.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +95,7 @@ class ImageClassifier:
         data = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return ((data - 0.5) / 0.5)[None]
 
-    def predict(self, images: Sequence[Image.Image], batch_size: int = 16) -> list[dict[str, float]]:
+    def predict(self, images: Iterable[Image.Image], batch_size: int = 16) -> list[dict[str, float]]:
         predictions = []
         for chunk in chunks(images, batch_size):
             outputs = run_batched(self.session, np.concatenate([self.preprocess(image) for image in chunk]), batch_size)

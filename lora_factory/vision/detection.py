@@ -9,7 +9,7 @@ anchor, confidence filter, class-wise NMS, boxes mapped back to the original ima
 from __future__ import annotations
 
 import ast
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +141,7 @@ class YoloDetector:
             raise ValueError(f"{self.model_path}: only square inputs are supported, got {height}x{width}")
         self.size = height
 
-    def detect(self, images: Sequence[Image.Image], batch_size: int = 4) -> list[list[Detection]]:
+    def detect(self, images: Iterable[Image.Image], batch_size: int = 4) -> list[list[Detection]]:
         """Detections per image, best score first."""
         detections = []
         for chunk in chunks(images, batch_size):

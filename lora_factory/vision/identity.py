@@ -10,7 +10,7 @@ Preprocessing as CCIP: RGB (transparency on white), resized to 384x384 bilinear
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ class IdentityModel:
         data = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return ((data - CLIP_MEAN) / CLIP_STD)[None].astype(np.float32)
 
-    def embed(self, images: Sequence[Image.Image], batch_size: int = 16) -> np.ndarray:
+    def embed(self, images: Iterable[Image.Image], batch_size: int = 16) -> np.ndarray:
         """[N, dim] float32 features."""
         features = [np.zeros((0, self.dim), dtype=np.float32)]
         for chunk in chunks(images, batch_size):

@@ -9,7 +9,7 @@ with their category: 0 general, 4 character, 9 rating.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +95,7 @@ class WD14Tagger:
             square = square.resize((self.size, self.size), Image.Resampling.BICUBIC)
         return np.asarray(square, dtype=np.float32)[None, :, :, ::-1].copy()
 
-    def predict(self, images: Sequence[Image.Image], batch_size: int = 8) -> list[TagPrediction]:
+    def predict(self, images: Iterable[Image.Image], batch_size: int = 8) -> list[TagPrediction]:
         predictions = []
         for chunk in chunks(images, batch_size):
             scores = run_batched(self.session, np.concatenate([self.preprocess(image) for image in chunk]), batch_size)

@@ -1,0 +1,455 @@
+"""Cleaning benchmark: the data stage with models of the real architectures and sizes,
+batched (this project) against one image per model call (a per-item action chain, the
+way waifuc runs its actions), on the same pictures in one run.
+
+The data stage is `clean_character` (decode, classifiers, dedup, person split, face
+count, identity filter, 3-stage crops, aesthetic scores, identity vectors) followed by
+tagging every crop, as `cleaned_crops` and `captions` do.
+
+Models. No real weights can be downloaded, so every model is an ONNX file holding two
+networks on the same input: the real architecture at its real size with random weights
+(`reference_networks`: SwinV2-B tagger at 448, CAFormer-S36 identity at 384, YOLOv8m
+person and YOLOv8s half-body/head/face detectors at 640, MobileNetV3-Large monochrome,
+class and rating classifiers and a SwinV2-B aesthetic classifier at 384), which costs
+what the real model costs, and the project's tiny model of that role, which decides. The
+random network's output enters the model's output as 1e-30 x tanh(mean): too small to
+change any float32 result, but ONNX Runtime must still compute it. So the pictures go
+through the chain as the demo world's would (the same persons found, the same drops and
+crops) at the real models' price; random detectors alone would find hundreds of boxes or
+none, and the work would not be the chain's.
+
+Both pipelines use the same sessions, thresholds and code; the per-item chain wraps
+every model so that each call gets one image and each post goes through the first pass
+before the next one is read (pipeline batch size 1). The benchmark checks that both
+produce the same crops.
+
+Memory. Peak RSS of the data stage in a fresh process, for the throughput run's
+pictures with the reference models, and for 1,000 and 10,000 pictures with the tiny
+models (the real-size models would need hours on two cores for 10,000). The chain
+streams, so its memory does not grow with the model size beyond the sessions and one
+batch of activations, which the reference-model row shows.
+
+    python -m lora_factory.benchmarks.cleaning_throughput [--images 48] [--memory-images 1000 10000]
+
+The reference ONNX files (~700 MB) are built once into --work (default
+$LF_HOME/benchmarks/cleaning, or .lora_factory/ in the working directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
+from lora_factory.demo.characters import DEMO_CHARACTERS
+from lora_factory.demo.drawing import draw_ashtray, draw_post
+from lora_factory.storage import (
+    BlobStore,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_table,
+    write_table,
+)
+from lora_factory.vision.models import DEFAULT_TINY_MODELS, ROLES, VisionModels
+from lora_factory.vision.registry import ModelRegistry
+from lora_factory.vision.tiny_models import CLASSIFIER_LABELS, OPSET, tiny_model_files
+
+RATIO_TARGET = 2.0
+PEAK_RSS_TARGET_MB = 4096
+# Bump when a reference network or the composition changes: the cached files are rebuilt.
+REFERENCE_VERSION = "2"
+NEGLIGIBLE = 1e-30  # weight of the reference network's output in the model's output
+CHARACTER = "benchmark"
+
+
+# ------------------------------------------------------------------------ the models
+
+
+@dataclass(frozen=True)
+class ReferenceNetwork:
+    architecture: str  # what it is, for the report
+    build: Callable[[], Any]  # -> torch.nn.Module with random weights
+    input_shape: tuple[int, ...]  # one image, in the tiny model's input layout
+
+
+def reference_networks() -> dict[str, ReferenceNetwork]:
+    """Role -> the real model's architecture at its real size (random weights)."""
+    from lora_factory.benchmarks.reference_networks import (
+        CAFormer,
+        MobileNetV3,
+        SwinV2,
+        YoloV8,
+    )
+
+    def classes(role: str) -> int:
+        return len(CLASSIFIER_LABELS[DEFAULT_TINY_MODELS[role]])
+
+    def mobilenet(role: str) -> ReferenceNetwork:
+        return ReferenceNetwork("MobileNetV3-Large, 384 px", lambda: MobileNetV3(classes(role)), (3, 384, 384))
+
+    detector_s = ReferenceNetwork("YOLOv8s, 640 px", lambda: YoloV8("s", 1), (3, 640, 640))
+    return {
+        "tagger": ReferenceNetwork("SwinV2-B (WD14 v3), 448 px", SwinV2, (448, 448, 3)),
+        "identity": ReferenceNetwork("CAFormer-S36 (CCIP), 384 px", lambda: CAFormer(768), (3, 384, 384)),
+        "person": ReferenceNetwork("YOLOv8m, 640 px", lambda: YoloV8("m", 1), (3, 640, 640)),
+        "halfbody": detector_s,
+        "head": detector_s,
+        "face": detector_s,
+        **{role: mobilenet(role) for role in ("monochrome", "classification", "rating")},
+        # The real aesthetic model is a SwinV2 at 448; the tiny one it rides on takes
+        # 384, so the window is 12 (384 / 4 / 12 = 8 windows a side, as 448 / 4 / 14).
+        "aesthetic": ReferenceNetwork(
+            "SwinV2-B, 384 px", lambda: SwinV2(384, classes("aesthetic"), window=12, tagger=False), (3, 384, 384)
+        ),
+    }
+
+
+def export_network(network: ReferenceNetwork, seed: int = 0):
+    """The network as an ONNX ModelProto (input "images", dynamic batch)."""
+    import torch
+
+    torch.manual_seed(seed)
+    module = network.build().eval()
+    example = torch.rand(2, *network.input_shape)  # batch 2: a batch of 1 would be baked in
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    # The exporter logs that torchvision's ops are unavailable (none is used here).
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, (example,), input_names=["images"], output_names=["scores"],
+            dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True, verbose=False,
+        )
+    return program.model_proto
+
+
+def with_reference_compute(decider, network):
+    """`decider`'s graph whose first output also depends, negligibly, on `network` run on
+    the same input: output = decider output + NEGLIGIBLE x tanh(mean(network output))."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    network = onnx.compose.add_prefix(network, "reference/")
+    combined = onnx.ModelProto()
+    combined.CopyFrom(decider)
+    graph = combined.graph
+    image_input, network_input = graph.input[0].name, network.graph.input[0].name
+    output = graph.output[0].name
+    decided = f"{output}/decided"
+    for node in graph.node:
+        node.output[:] = [decided if name == output else name for name in node.output]
+        node.input[:] = [decided if name == output else name for name in node.input]
+    for node in network.graph.node:
+        node.input[:] = [image_input if name == network_input else name for name in node.input]
+    graph.node.extend(network.graph.node)
+    graph.initializer.extend(network.graph.initializer)
+    graph.initializer.append(numpy_helper.from_array(np.array(NEGLIGIBLE, dtype=np.float32), "combine/weight"))
+    graph.node.extend([
+        helper.make_node("ReduceMean", [network.graph.output[0].name], ["combine/mean"], keepdims=0),
+        helper.make_node("Tanh", ["combine/mean"], ["combine/bounded"]),
+        helper.make_node("Mul", ["combine/bounded", "combine/weight"], ["combine/term"]),
+        helper.make_node("Add", [decided, "combine/term"], [output]),
+    ])
+    combined.ir_version = max(decider.ir_version, network.ir_version)
+    for opset in network.opset_import:
+        if opset.domain not in {o.domain for o in combined.opset_import}:
+            combined.opset_import.append(opset)
+    combined.functions.extend(network.functions)
+    onnx.checker.check_model(combined)
+    return combined
+
+
+def main_model_file(role: str) -> str:
+    return "model_feat.onnx" if role == "identity" else "model.onnx"
+
+
+def build_reference_models(target_dir: Path, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Role -> a model folder the vision wrappers load: the tiny model's files with its
+    main ONNX file replaced by the reference composition. Built once per version."""
+    folders = {}
+    for role, network in reference_networks().items():
+        folder = Path(target_dir) / f"v{REFERENCE_VERSION}" / role
+        marker = folder / ".complete"
+        if not marker.is_file():
+            started = time.perf_counter()
+            files = tiny_model_files(DEFAULT_TINY_MODELS[role])
+            import onnx
+
+            decider = onnx.load_from_string(files.pop(main_model_file(role)))
+            combined = with_reference_compute(decider, export_network(network))
+            for name, data in files.items():
+                atomic_write_bytes(folder / name, data)
+            atomic_write_bytes(folder / main_model_file(role), combined.SerializeToString())
+            marker.write_text(network.architecture + "\n")
+            log(f"  built {role}: {network.architecture} in {time.perf_counter() - started:.0f} s")
+        folders[role] = folder
+    return folders
+
+
+def load_models(kind: str, work: Path, log: Callable[[str], None] = print) -> VisionModels:
+    registry = ModelRegistry(work / "model-cache")
+    if kind == "tiny":
+        return VisionModels.load(registry, providers="cpu")
+    if kind == "reference":
+        return VisionModels.load(registry, names=build_reference_models(work / "reference-models", log),
+                                 providers="cpu")
+    raise ValueError(f"models must be 'tiny' or 'reference', got {kind!r}")
+
+
+# ----------------------------------------------------------------------- the pictures
+
+
+def draw_posts(count: int, blobs: BlobStore, seed: int = 0) -> pd.DataFrame:
+    """`count` posts of one character's tag, as a booru serves them: mostly solo pictures,
+    some of another character, with company, in monochrome, or of no one."""
+    rng = random.Random(seed)
+    main, others = DEMO_CHARACTERS[0], DEMO_CHARACTERS[1:]
+    rows = []
+    for index in range(count):
+        size = (rng.randint(512, 1024), rng.randint(640, 1280))
+        roll = rng.random()
+        if roll < 0.02:
+            image = draw_ashtray(size, rng)
+        else:
+            figures = [main]
+            if roll < 0.08:
+                figures = [rng.choice(others)]
+            elif roll < 0.16:
+                figures.insert(rng.randint(0, 1), rng.choice(others))
+                size = (rng.randint(900, 1400), rng.randint(640, 1024))
+            background = rng.choice(["white_background", "white_background", "blue_background"])
+            outfits = [(c, rng.randrange(len(c.outfits))) for c in figures]
+            image = draw_post(outfits, size, rng, background).image
+            if 0.16 <= roll < 0.20:
+                image = image.convert("L")
+        rows.append({"sha256": blobs.put(_jpeg(image, rng.randint(80, 95))), "site": "bench", "post_id": index})
+    return pd.DataFrame(rows)
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+# -------------------------------------------------------------------- the two chains
+
+
+@dataclass
+class ModelUse:
+    images: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class StageRun:
+    seconds: float
+    crops: pd.DataFrame
+    tags: list[tuple[str, ...]]
+    use: dict[str, ModelUse] = field(default_factory=dict)
+
+
+class _Metered:
+    """One vision model, timed per role; `one_at_a_time` feeds it one image per call."""
+
+    def __init__(self, model: Any, use: ModelUse, one_at_a_time: bool):
+        self._model, self._use, self._one_at_a_time = model, use, one_at_a_time
+
+    def __getattr__(self, name: str) -> Any:  # threshold, difference, dim, ...
+        return getattr(self._model, name)
+
+    def _run(self, method: str, images: Iterable[Image.Image], join: Callable[[list], Any]) -> Any:
+        call = getattr(self._model, method)
+        started = time.perf_counter()
+        if self._one_at_a_time:
+            parts = [call([image], batch_size=1) for image in images]
+            count, result = len(parts), join(parts)
+        else:
+            listed = images if isinstance(images, list) else None
+            counter = _Counter(images)
+            result, count = call(counter), (len(listed) if listed is not None else counter.count)
+        self._use.images += count
+        self._use.seconds += time.perf_counter() - started
+        return result
+
+    def detect(self, images):
+        return self._run("detect", images, lambda parts: [found for part in parts for found in part])
+
+    def predict(self, images):
+        return self._run("predict", images, lambda parts: [found for part in parts for found in part])
+
+    def embed(self, images):
+        return self._run("embed", images, lambda parts: np.concatenate(parts) if parts
+                         else np.zeros((0, self._model.dim), dtype=np.float32))
+
+
+class _Counter:
+    def __init__(self, items: Iterable):
+        self._items, self.count = items, 0
+
+    def __iter__(self):
+        for item in self._items:
+            self.count += 1
+            yield item
+
+
+def metered(models: VisionModels, one_at_a_time: bool) -> tuple[VisionModels, dict[str, ModelUse]]:
+    use = {role: ModelUse() for role in ROLES}
+    wrapped = {role: _Metered(getattr(models, role), use[role], one_at_a_time) for role in ROLES}
+    return VisionModels(**wrapped), use
+
+
+def run_data_stage(posts: pd.DataFrame, blobs: BlobStore, models: VisionModels, one_at_a_time: bool,
+                   batch_size: int = 16, log: Callable[[str], None] = lambda _: None) -> StageRun:
+    """Clean the posts and tag every crop; one_at_a_time: the per-item chain."""
+    wrapped, use = metered(models, one_at_a_time)
+    config = CleaningConfig(batch_size=1 if one_at_a_time else batch_size, log_every=500)
+    started = time.perf_counter()
+    result = clean_character(CHARACTER, posts, blobs, wrapped, config, log=log)
+    predictions = wrapped.tagger.predict(blobs.images(result.crops["crop_sha256"]))
+    seconds = time.perf_counter() - started
+    tags = [tuple(sorted(p.general)) for p in predictions]
+    return StageRun(seconds, result.crops, tags, use)
+
+
+def warm_up(models: VisionModels, blobs: BlobStore, posts: pd.DataFrame) -> None:
+    """First runs allocate the sessions' memory: done before anything is timed."""
+    image = next(blobs.images(posts["sha256"][:1]))
+    for role in ROLES:
+        model = getattr(models, role)
+        if hasattr(model, "detect"):
+            model.detect([image])
+        elif hasattr(model, "embed"):
+            model.embed([image, image])
+        else:
+            model.predict([image, image])
+
+
+# ------------------------------------------------------------------------ the report
+
+
+def throughput(images: int, work: Path, seed: int) -> dict:
+    print(f"models: real architectures and sizes, random weights (cached in {work / 'reference-models'})")
+    models = load_models("reference", work)
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        blobs = BlobStore(Path(scratch) / "blobs")
+        posts = draw_posts(images, blobs, seed)
+        warm_up(models, blobs, posts)
+        print(f"data stage on {images} posts (one character's tag), 2 chains on the same pictures ...")
+        peer = run_data_stage(posts, blobs, models, one_at_a_time=True)
+        print(f"  one image per call: {peer.seconds:.1f} s")
+        ours = run_data_stage(posts, blobs, models, one_at_a_time=False)
+        print(f"  batched:            {ours.seconds:.1f} s")
+    same = (list(ours.crops["crop_sha256"]) == list(peer.crops["crop_sha256"])) and ours.tags == peer.tags
+    architectures = {role: network.architecture for role, network in reference_networks().items()}
+    print()
+    print(f"{'model':<15}{'architecture':<30}{'images':>8}{'batched ms/img':>16}{'1-by-1 ms/img':>15}{'ratio':>7}")
+    for role in ROLES:
+        a, b = ours.use[role], peer.use[role]
+        if not a.images:
+            continue
+        ms_a, ms_b = 1000 * a.seconds / a.images, 1000 * b.seconds / max(b.images, 1)
+        print(f"{role:<15}{architectures[role]:<30}{a.images:>8}{ms_a:>16.1f}{ms_b:>15.1f}{ms_b / ms_a:>7.2f}")
+    rate_ours, rate_peer = images / ours.seconds, images / peer.seconds
+    ratio = rate_ours / rate_peer
+    print()
+    print(f"{'chain':<22}{'posts/s':>9}{'seconds':>9}{'crops':>7}")
+    print(f"{'batched (ours)':<22}{rate_ours:>9.3f}{ours.seconds:>9.1f}{len(ours.crops):>7}")
+    print(f"{'one image per call':<22}{rate_peer:>9.3f}{peer.seconds:>9.1f}{len(peer.crops):>7}")
+    print(f"ratio batched / one-by-one: {ratio:.2f}x (target >= {RATIO_TARGET:.0f}x); "
+          f"same crops and tags: {'yes' if same else 'NO'}")
+    return {"images": images, "ratio": ratio, "ours_seconds": ours.seconds, "peer_seconds": peer.seconds,
+            "same": same, "crops": len(ours.crops)}
+
+
+def measure_memory(posts_path: Path, blobs_root: Path, models: str, work: Path) -> dict:
+    """Run in a fresh process: the data stage alone, then its peak RSS."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = load_models(models, work)
+    posts = read_table(posts_path)
+    run = run_data_stage(posts, BlobStore(blobs_root), loaded, one_at_a_time=False,
+                         log=lambda line: print(line, file=sys.stderr, flush=True))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {"posts": len(posts), "models": models, "seconds": run.seconds, "crops": len(run.crops),
+            "peak_rss_mb": peak, "rss_before_models_mb": before}
+
+
+def memory(counts: list[int], reference_images: int, work: Path, seed: int) -> list[dict]:
+    runs = [(reference_images, "reference")] + [(count, "tiny") for count in counts]
+    results = []
+    for count, models in runs:
+        with tempfile.TemporaryDirectory(dir=work) as scratch:
+            blobs_root = Path(scratch) / "blobs"
+            write_table(draw_posts(count, BlobStore(blobs_root), seed), Path(scratch) / "posts.parquet")
+            command = [sys.executable, "-m", "lora_factory.benchmarks.cleaning_throughput", "--measure-memory",
+                       str(Path(scratch) / "posts.parquet"), str(blobs_root), models, "--work", str(work)]
+            print(f"  {count} posts, {models} models: running in a fresh process ...", flush=True)
+            done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print()
+    print(f"{'posts':>7}  {'models':<10}{'seconds':>9}{'posts/s':>9}{'crops':>7}{'peak RSS MB':>13}")
+    for r in results:
+        print(f"{r['posts']:>7}  {r['models']:<10}{r['seconds']:>9.1f}{r['posts'] / r['seconds']:>9.2f}"
+              f"{r['crops']:>7}{r['peak_rss_mb']:>13.0f}")
+    tiny = [r for r in results if r["models"] == "tiny"]
+    if len(tiny) >= 2:
+        growth = tiny[-1]["peak_rss_mb"] - tiny[0]["peak_rss_mb"]
+        estimate = results[0]["peak_rss_mb"] + max(growth, 0.0)
+        print(f"growth from {tiny[0]['posts']} to {tiny[-1]['posts']} posts: {growth:+.0f} MB; "
+              f"estimated peak with the real-size models at {tiny[-1]['posts']} posts: {estimate:.0f} MB "
+              f"(target < {PEAK_RSS_TARGET_MB} MB)")
+    return results
+
+
+def default_work_dir() -> Path:
+    home = Path(os.environ.get("LF_HOME", ".lora_factory"))
+    return home / "benchmarks" / "cleaning"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=48, help="posts for the throughput comparison")
+    parser.add_argument("--memory-images", type=int, nargs="*", default=[1000, 10000],
+                        help="post counts for the memory runs with the tiny models (none: skip)")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--measure-memory", nargs=3, metavar=("POSTS", "BLOBS", "MODELS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    work = (args.work or default_work_dir()).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.measure_memory:
+        posts, blobs, models = args.measure_memory
+        print(json.dumps(measure_memory(Path(posts), Path(blobs), models, work)))
+        return
+    report: dict[str, Any] = {"cores": len(os.sched_getaffinity(0))}
+    print(f"cleaning benchmark on {report['cores']} CPU cores")
+    if not args.skip_throughput:
+        report["throughput"] = throughput(args.images, work, args.seed)
+    if args.memory_images:
+        print("\npeak memory of the data stage (fresh process each):")
+        report["memory"] = memory(args.memory_images, args.images, work, args.seed)
+    atomic_write_json(work / "last_report.json", report)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ batch of activations, which the reference-model row shows.
 
     python -m lora_factory.benchmarks.cleaning_throughput [--images 48] [--memory-images 1000 10000]
 
-The reference ONNX files (~700 MB) are built once into --work (default
+The reference ONNX files (~1 GB) are built once into --work (default
 $LF_HOME/benchmarks/cleaning, or .lora_factory/ in the working directory).
 """
 

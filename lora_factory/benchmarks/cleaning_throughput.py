@@ -38,6 +38,7 @@ $LF_HOME/benchmarks/cleaning, or .lora_factory/ in the working directory).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -244,8 +245,6 @@ def draw_posts(count: int, blobs: BlobStore, seed: int = 0) -> pd.DataFrame:
 
 
 def _jpeg(image: Image.Image, quality: int) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
@@ -284,9 +283,9 @@ class _Metered:
             parts = [call([image], batch_size=1) for image in images]
             count, result = len(parts), join(parts)
         else:
-            listed = images if isinstance(images, list) else None
             counter = _Counter(images)
-            result, count = call(counter), (len(listed) if listed is not None else counter.count)
+            result = call(counter)
+            count = counter.count
         self._use.images += count
         self._use.seconds += time.perf_counter() - started
         return result

@@ -13,7 +13,12 @@ from onnx import numpy_helper
 
 from lora_factory.benchmarks.cleaning_throughput import (
     NEGLIGIBLE,
+    SWEEP_BATCH_SIZES,
+    ModelUse,
     ReferenceNetwork,
+    StageRun,
+    batch_sweep,
+    batching_bound,
     draw_posts,
     export_network,
     load_models,
@@ -118,3 +123,24 @@ def test_batched_and_one_by_one_chains_do_the_same_work(tmp_path):
         assert batched.use[role].images == single.use[role].images > 0
     assert batched.use["tagger"].images == len(batched.crops)
     assert batched.use["rating"].images == 0  # no rating filter configured
+
+
+def test_batch_sweep_times_every_architecture_at_every_size(tmp_path):
+    sweep = batch_sweep(load_models("tiny", tmp_path), images_per_size=2)
+    assert set(sweep) == {network.architecture for network in reference_networks().values()}
+    assert all(sorted(per_size) == list(SWEEP_BATCH_SIZES) for per_size in sweep.values())
+    assert all(ms > 0 for per_size in sweep.values() for ms in per_size.values())
+
+
+def test_batching_bound_divides_each_models_time_by_its_best_gain():
+    networks = reference_networks()
+    use = {role: ModelUse() for role in networks}
+    use["tagger"] = ModelUse(images=10, seconds=6.0)  # a 2x gain at batch 4: 3 s
+    use["person"] = ModelUse(images=10, seconds=2.0)  # batching only slower: 2 s
+    peer = StageRun(seconds=10.0, crops=None, tags=[], use=use)  # 2 s outside the models
+    sweep = {network.architecture: {1: 100.0, 2: 100.0, 4: 100.0, 8: 100.0} for network in networks.values()}
+    sweep[networks["tagger"].architecture] = {1: 100.0, 2: 80.0, 4: 50.0, 8: 60.0}
+    sweep[networks["person"].architecture] = {1: 100.0, 2: 110.0, 4: 120.0, 8: 130.0}
+    share, bound = batching_bound(peer, sweep)
+    assert share == pytest.approx(0.8)
+    assert bound == pytest.approx(10.0 / (2.0 + 3.0 + 2.0))

@@ -161,3 +161,38 @@ def test_classifiers_flag_monochrome_and_call_demo_pictures_safe_illustrations(m
         assert sum(scores.values()) == pytest.approx(1.0, abs=1e-4)
     order = list(clean)  # best first
     assert order.index(max(clean, key=clean.get)) < order.index(max(noisy, key=noisy.get))
+
+
+def test_cpu_batches_are_small_for_the_transformers_and_can_be_fixed_per_role(registry):
+    cpu = VisionModels.load(registry, providers="cpu")
+    # SwinV2 tagger and aesthetic, CAFormer identity: one image per call on a CPU.
+    assert cpu.tagger.batch_size == cpu.aesthetic.batch_size == cpu.identity.batch_size == 1
+    assert {getattr(cpu, role).batch_size for role in ("person", "face", "monochrome", "rating")} == {4}
+    fixed = VisionModels.load(registry, providers="cpu", batch_sizes={"tagger": 3, "aesthetic": 2})
+    assert (fixed.tagger.batch_size, fixed.aesthetic.batch_size, fixed.person.batch_size) == (3, 2, 4)
+    with pytest.raises(ValueError, match="unknown vision roles"):
+        VisionModels.load(registry, batch_sizes={"tager": 2})
+    with pytest.raises(ValueError, match="at least 1"):
+        VisionModels.load(registry, providers="cpu", batch_sizes={"tagger": 0})
+
+
+def test_gpu_batches_are_large_where_cuda_runs(registry):
+    gpu = VisionModels.load(registry, providers="auto")
+    if gpu.tagger.session.get_providers()[0] != "CUDAExecutionProvider":
+        pytest.skip("no usable CUDA provider on this machine")
+    assert gpu.tagger.batch_size == 16 and gpu.identity.batch_size == 32 and gpu.person.batch_size == 16
+
+
+def test_results_do_not_depend_on_the_batch_size(models):
+    rng = random.Random(7)
+    images = [jpeg(draw_post([(character, 0)], (420, 560), rng).image) for character in DEMO_CHARACTERS]
+    one, three = models.tagger.predict(images, batch_size=1), models.tagger.predict(images, batch_size=3)
+    np.testing.assert_allclose([p.scores for p in one], [p.scores for p in three], atol=1e-5)
+    np.testing.assert_allclose(models.identity.embed(images, batch_size=1), models.identity.embed(images, 3), atol=1e-5)
+    found = [models.person.detect(images, batch_size=size) for size in (1, 3)]
+    assert [[d.label for d in image] for image in found[0]] == [[d.label for d in image] for image in found[1]]
+    np.testing.assert_allclose([d.box for image in found[0] for d in image],
+                               [d.box for image in found[1] for d in image], atol=1e-3)
+    quality = [models.aesthetic.predict(images, batch_size=size) for size in (1, 3)]
+    np.testing.assert_allclose([list(p.values()) for p in quality[0]], [list(p.values()) for p in quality[1]],
+                               atol=1e-5)

@@ -18,10 +18,14 @@ through the chain as the demo world's would (the same persons found, the same dr
 crops) at the real models' price; random detectors alone would find hundreds of boxes or
 none, and the work would not be the chain's.
 
-Both pipelines use the same sessions, thresholds and code; the per-item chain wraps
-every model so that each call gets one image and each post goes through the first pass
-before the next one is read (pipeline batch size 1). The benchmark checks that both
-produce the same crops.
+Both pipelines use the same sessions, thresholds and code. The batched chain reads posts
+16 at a time and calls each model with the images per call its wrapper picks for the
+device (`vision.models.DEFAULT_BATCH_SIZES`); the per-item chain wraps every model so
+that each call gets one image and each post goes through the first pass before the next
+one is read (pipeline batch size 1). The benchmark checks that both produce the same
+crops and tags. It then times every architecture alone at 1, 2, 4 and 8 images per call
+and prints the largest ratio any batch sizes could give on the machine: the models'
+one-by-one time divided by their best batching gain, the rest unchanged.
 
 Memory. Peak RSS of the data stage in a fresh process, for the throughput run's
 pictures with the reference models, and for 1,000 and 10,000 pictures with the tiny
@@ -49,7 +53,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,6 +350,49 @@ def warm_up(models: VisionModels, blobs: BlobStore, posts: pd.DataFrame) -> None
 # ------------------------------------------------------------------------ the report
 
 
+SWEEP_BATCH_SIZES = (1, 2, 4, 8)
+
+
+def _session_of(model: Any):
+    return model.feature_session if hasattr(model, "feature_session") else model.session
+
+
+def batch_sweep(models: VisionModels, sizes: Sequence[int] = SWEEP_BATCH_SIZES,
+                images_per_size: int = 4) -> dict[str, dict[int, float]]:
+    """Architecture -> batch size -> milliseconds per image of one session call on a
+    random batch (the first call at each size untimed: it sizes the buffers)."""
+    networks, sweep = reference_networks(), {}
+    for role in ROLES:
+        architecture = networks[role].architecture
+        if architecture in sweep:
+            continue
+        session = _session_of(getattr(models, role))
+        name = session.get_inputs()[0].name
+        sweep[architecture] = {}
+        for size in sizes:
+            batch = np.random.default_rng(0).random((size, *networks[role].input_shape), dtype=np.float32)
+            session.run(None, {name: batch})
+            calls = max(1, images_per_size // size)
+            started = time.perf_counter()
+            for _ in range(calls):
+                session.run(None, {name: batch})
+            sweep[architecture][size] = 1000 * (time.perf_counter() - started) / (calls * size)
+    return sweep
+
+
+def batching_bound(peer: StageRun, sweep: dict[str, dict[int, float]]) -> tuple[float, float]:
+    """(share of the one-by-one chain's time spent in models, the largest ratio any
+    batch sizes could give): every model's one-by-one time divided by the best gain its
+    architecture shows in the sweep; the time outside the models unchanged."""
+    networks = reference_networks()
+    model_seconds = sum(use.seconds for use in peer.use.values())
+    best_seconds = peer.seconds - model_seconds
+    for role, use in peer.use.items():
+        per_size = sweep[networks[role].architecture]
+        best_seconds += use.seconds * min(per_size.values()) / per_size[1]
+    return model_seconds / peer.seconds, peer.seconds / best_seconds
+
+
 def throughput(images: int, work: Path, seed: int) -> dict:
     print(f"models: real architectures and sizes, random weights (cached in {work / 'reference-models'})")
     models = load_models("reference", work)
@@ -361,13 +408,15 @@ def throughput(images: int, work: Path, seed: int) -> dict:
     same = (list(ours.crops["crop_sha256"]) == list(peer.crops["crop_sha256"])) and ours.tags == peer.tags
     architectures = {role: network.architecture for role, network in reference_networks().items()}
     print()
-    print(f"{'model':<15}{'architecture':<30}{'images':>8}{'batched ms/img':>16}{'1-by-1 ms/img':>15}{'ratio':>7}")
+    print(f"{'model':<15}{'architecture':<30}{'batch':>6}{'images':>8}{'batched ms/img':>16}"
+          f"{'1-by-1 ms/img':>15}{'ratio':>7}")
     for role in ROLES:
         a, b = ours.use[role], peer.use[role]
         if not a.images:
             continue
         ms_a, ms_b = 1000 * a.seconds / a.images, 1000 * b.seconds / max(b.images, 1)
-        print(f"{role:<15}{architectures[role]:<30}{a.images:>8}{ms_a:>16.1f}{ms_b:>15.1f}{ms_b / ms_a:>7.2f}")
+        print(f"{role:<15}{architectures[role]:<30}{getattr(models, role).batch_size:>6}{a.images:>8}"
+              f"{ms_a:>16.1f}{ms_b:>15.1f}{ms_b / ms_a:>7.2f}")
     rate_ours, rate_peer = images / ours.seconds, images / peer.seconds
     ratio = rate_ours / rate_peer
     print()
@@ -376,8 +425,20 @@ def throughput(images: int, work: Path, seed: int) -> dict:
     print(f"{'one image per call':<22}{rate_peer:>9.3f}{peer.seconds:>9.1f}{len(peer.crops):>7}")
     print(f"ratio batched / one-by-one: {ratio:.2f}x (target >= {RATIO_TARGET:.0f}x); "
           f"same crops and tags: {'yes' if same else 'NO'}")
+
+    print("\nwhat batching can give on this machine: ms per image by images per call (random input)")
+    sweep = batch_sweep(models)
+    print(f"{'architecture':<30}" + "".join(f"{size:>8}" for size in SWEEP_BATCH_SIZES) + f"{'best/1':>9}")
+    for architecture, per_size in sweep.items():
+        gain = per_size[1] / min(per_size.values())
+        print(f"{architecture:<30}" + "".join(f"{per_size[size]:>8.1f}" for size in SWEEP_BATCH_SIZES)
+              + f"{gain:>8.2f}x")
+    model_share, bound = batching_bound(peer, sweep)
+    print(f"models are {model_share:.0%} of the one-by-one chain's time; with every model at its best "
+          f"batch size the chain could be at most {bound:.2f}x faster here")
     return {"images": images, "ratio": ratio, "ours_seconds": ours.seconds, "peer_seconds": peer.seconds,
-            "same": same, "crops": len(ours.crops)}
+            "same": same, "crops": len(ours.crops), "batch_sweep_ms": sweep, "model_share": model_share,
+            "batching_bound": bound}
 
 
 def measure_memory(posts_path: Path, blobs_root: Path, models: str, work: Path) -> dict:

@@ -196,3 +196,14 @@ def test_results_do_not_depend_on_the_batch_size(models):
     quality = [models.aesthetic.predict(images, batch_size=size) for size in (1, 3)]
     np.testing.assert_allclose([list(p.values()) for p in quality[0]], [list(p.values()) for p in quality[1]],
                                atol=1e-5)
+
+
+def test_the_dagster_resource_passes_batch_sizes_from_run_config(tmp_path):
+    from lora_factory.resources.models import VisionModelsResource
+    from lora_factory.storage import FactoryStore
+
+    store = FactoryStore(tmp_path)
+    loaded = VisionModelsResource(batch_sizes={"tagger": 5}).load(store)
+    assert loaded.tagger.batch_size == 5 and loaded.person.batch_size in (4, 16)
+    with pytest.raises(ValueError, match="unknown vision roles"):
+        VisionModelsResource(batch_sizes={"tager": 5}).load(store)

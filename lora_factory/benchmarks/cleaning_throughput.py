@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from lora_factory.benchmarks.memory import peak_rss_mb
 from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_ashtray, draw_post
@@ -443,12 +443,12 @@ def throughput(images: int, work: Path, seed: int) -> dict:
 
 def measure_memory(posts_path: Path, blobs_root: Path, models: str, work: Path) -> dict:
     """Run in a fresh process: the data stage alone, then its peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mb()
     loaded = load_models(models, work)
     posts = read_table(posts_path)
     run = run_data_stage(posts, BlobStore(blobs_root), loaded, one_at_a_time=False,
                          log=lambda line: print(line, file=sys.stderr, flush=True))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak = peak_rss_mb()
     return {"posts": len(posts), "models": models, "seconds": run.seconds, "crops": len(run.crops),
             "peak_rss_mb": peak, "rss_before_models_mb": before}
 

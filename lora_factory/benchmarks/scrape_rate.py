@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import resource
 import tempfile
 import threading
 import time
@@ -39,6 +38,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 from PIL import Image
+
+from lora_factory.benchmarks.memory import peak_rss_mb
 
 FIXTURE_TAG = "fixture_character"
 IMAGE_SIDE = 96
@@ -151,7 +152,7 @@ def scrape_sites(site_urls: dict[str, str], posts_per_site: dict[str, int], rate
     from lora_factory.sources.scrape import scrape_character
     from lora_factory.storage import BlobStore
 
-    rss_after_imports = _peak_rss_mb()
+    rss_after_imports = peak_rss_mb()
     tracemalloc.start()
     errors: list[str] = []
     scraped: dict[str, int] = {}
@@ -181,13 +182,9 @@ def scrape_sites(site_urls: dict[str, str], posts_per_site: dict[str, int], rate
     _, traced_peak = tracemalloc.get_traced_memory()
     result_queue.put({
         "elapsed_s": elapsed, "scraped": scraped, "errors": errors,
-        "rss_after_imports_mb": rss_after_imports, "peak_rss_mb": _peak_rss_mb(),
+        "rss_after_imports_mb": rss_after_imports, "peak_rss_mb": peak_rss_mb(),
         "traced_peak_mb": traced_peak / 2**20,
     })
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def run_in_fresh_process(site_urls: dict[str, str], posts_per_site: dict[str, int], rate: float) -> dict:

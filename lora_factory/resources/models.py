@@ -24,6 +24,9 @@ class VisionModelsResource(dg.ConfigurableResource):
     rating: str = "tiny-rating"
     aesthetic: str = "tiny-aesthetic"
     offline: bool = True
+    # Images per model call by role, e.g. {"tagger": 64} on a large GPU; unset roles
+    # use the defaults by device (vision.models.DEFAULT_BATCH_SIZES).
+    batch_sizes: dict[str, int] = {}
 
     def names(self) -> dict[str, str]:
         return {
@@ -47,7 +50,7 @@ class VisionModelsResource(dg.ConfigurableResource):
         from lora_factory.vision.registry import ModelRegistry
 
         registry = ModelRegistry(store.models_dir, offline=self.offline)
-        return VisionModels.load(registry, names=self.names())
+        return VisionModels.load(registry, names=self.names(), batch_sizes=self.batch_sizes)
 
     def load_identity(self, store: FactoryStore):
         """Only the identity model (tag matching needs no other)."""

@@ -24,6 +24,7 @@ from lora_factory.resources import (
     ImageSites,
     VisionModelsResource,
 )
+from lora_factory.run_health import monitored_executor
 from lora_factory.sensors import character_index_sensor
 from lora_factory.storage import DEFAULT_HOME
 
@@ -41,6 +42,8 @@ defs = dg.Definitions(
     ],
     jobs=[character_job],
     sensors=[character_index_sensor],
+    # Records each run's worker process so run monitoring can fail runs whose worker died.
+    executor=monitored_executor,
     resources={
         "storage": FactoryStorage(home=os.environ.get("LF_HOME", DEFAULT_HOME)),
         "character_index": CharacterIndex(

@@ -1,8 +1,12 @@
 import dagster as dg
 
+from lora_factory.run_health import monitored_executor
+
 # Every per-character asset, from scraping to the published release.
 character_job = dg.define_asset_job(
     name="character_job",
     selection=dg.AssetSelection.groups("dataset", "training", "evaluation"),
     description="Build one character's LoRA end to end (one partition = one character).",
+    # Records the run worker, so run monitoring can fail the run if that process dies.
+    executor_def=monitored_executor,
 )

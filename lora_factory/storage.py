@@ -1,18 +1,23 @@
 """Where the factory keeps what it makes: one root folder, content-addressed blobs,
 one Parquet table per asset and partition, and atomic writes everywhere.
 
-A crash never leaves half a file (temp file + rename), and a re-run finds what an
-earlier run stored (same bytes -> same sha256 -> same path).
+A crash never leaves half a file (temp file + rename), a re-run finds what an earlier
+run stored (same bytes -> same sha256 -> same path), and a blob whose bytes no longer
+match its name is never used: it is moved aside and counts as missing, so the stage
+that made it makes it again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,18 @@ def factory_home() -> Path:
     return Path(os.environ.get("LF_HOME", DEFAULT_HOME)).resolve()
 
 
+class StorageError(RuntimeError):
+    """A stored file is missing, damaged or cannot be written; the message says which and what to do."""
+
+
+class DiskFullError(StorageError):
+    """The disk ran out of space while writing; nothing stored before was changed."""
+
+
+class DamagedFileError(StorageError):
+    """A stored file no longer matches the size and sha256 recorded when it was made."""
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -41,19 +58,65 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def disk_full_error(path: Path, needed: int | None, error: OSError) -> DiskFullError:
+    free = shutil.disk_usage(path.parent if path.parent.exists() else path.anchor).free
+    need = f"about {needed / 2**20:.1f} MiB needed, " if needed else ""
+    return DiskFullError(
+        f"no space left on the device writing {path} ({need}{free / 2**20:.1f} MiB free there): "
+        "free some space (or move the factory's home), then re-run; nothing already stored was "
+        f"changed ({error.strerror})"
+    )
+
+
+@contextmanager
+def atomic_output(path: Path, size_hint: int | None = None) -> Iterator[Path]:
+    """A temporary path in `path`'s folder that replaces `path` when the block succeeds.
+
+    Readers see the old file or the whole new one. The new file gets the mode a plain
+    `open` would give it (0644 under the usual umask; mkstemp's 0600 would hide releases
+    from other users and web servers). A full disk raises `DiskFullError` naming the path.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(path, size_hint, error) from error
+        raise
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(path, size_hint, error) from error
         raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    with atomic_output(path, len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,8 +127,27 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy `source` to `target` atomically, streaming (LoRA files can be hundreds of MB)."""
+    with atomic_output(target, Path(source).stat().st_size) as tmp:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, length=1 << 20)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file the factory wrote; a damaged one names itself instead of a bare JSONDecodeError."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedFileError(f"{path} is damaged (not valid JSON: {error}); it will be rebuilt on the next run") from error
+
+
 class BlobStore:
-    """Content-addressed byte store: `put` returns the sha256 that names the blob."""
+    """Content-addressed byte store: `put` returns the sha256 that names the blob.
+
+    A blob whose bytes do not hash to its name (a flipped bit, a truncated copy) is moved
+    to `damaged/` when it is found and treated as missing from then on.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -76,36 +158,59 @@ class BlobStore:
         return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:
+        """The blob is present (cheap: its bytes are checked when it is read or verified)."""
         return self.path(sha256).is_file()
+
+    def verify(self, sha256: str) -> bool:
+        """True when the blob is present and its bytes hash to its name; a damaged one is set aside."""
+        path = self.path(sha256)
+        if not path.is_file():
+            return False
+        if sha256_file(path) == sha256:
+            return True
+        self._set_aside(path)
+        return False
 
     def put(self, data: bytes) -> str:
         sha = sha256_bytes(data)
-        target = self.path(sha)
-        if not target.is_file():
-            atomic_write_bytes(target, data)
+        if not self.verify(sha):
+            atomic_write_bytes(self.path(sha), data)
         return sha
 
     def get(self, sha256: str) -> bytes:
-        return self.path(sha256).read_bytes()
+        """The blob's bytes, checked against its name."""
+        path = self.path(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DamagedFileError(f"blob {path} is missing: re-run the asset that stored it") from None
+        if sha256_bytes(data) != sha256:
+            self._set_aside(path)
+            raise DamagedFileError(
+                f"blob {path} is damaged (its bytes no longer hash to its name); it was moved to "
+                f"{self.root / 'damaged'}: re-run the asset that stored it"
+            )
+        return data
 
     def images(self, hashes: Iterable[str]) -> Iterator[Image.Image]:
         """Stored pictures (crops, by sha256) as RGB, read one at a time as they are used,
         so a long list of crops never sits in memory at once."""
         return (Image.open(io.BytesIO(self.get(sha))).convert("RGB") for sha in hashes)
 
+    def _set_aside(self, path: Path) -> None:
+        damaged = self.root / "damaged"
+        damaged.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, damaged / path.name)
+        except FileNotFoundError:  # another process set it aside first
+            pass
+
 
 def write_table(frame: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
     """Write a DataFrame as Parquet atomically, checked against `schema` when given."""
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path, table.nbytes) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -113,7 +218,10 @@ def read_table(path: Path) -> pd.DataFrame:
         raise FileNotFoundError(
             f"{path} does not exist: materialize the upstream asset for this partition first"
         )
-    return pq.read_table(path).to_pandas()
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as error:
+        raise DamagedFileError(f"{path} is damaged ({error}); it will be rebuilt on the next run") from error
 
 
 class FactoryStore:
@@ -155,3 +263,36 @@ def check_partition_key(key: str) -> str:
     if not key or "/" in key or "\\" in key or key in {".", ".."} or key.startswith("."):
         raise ValueError(f"invalid character key {key!r}: use a slug like 'surtr_arknights'")
     return key
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if needed) for the block; other
+    processes block until it is released, and the kernel releases it if the holder dies."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def cached_sha256(path: Path, cache_file: Path) -> str:
+    """sha256 of a big file that rarely changes (a base model), remembered in `cache_file`
+    by path, size and modification time; a changed file is hashed again."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        cache = {}  # a damaged cache is only a cache: hash again
+    if key not in cache:
+        cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}
+        cache[key] = sha256_file(path)
+        atomic_write_json(cache_file, cache)
+    return cache[key]

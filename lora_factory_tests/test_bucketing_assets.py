@@ -17,7 +17,7 @@ import pytest
 from lora_factory.assets.dataset import buckets, captions
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_post
-from lora_factory.provenance import StampBook
+from lora_factory.provenance import StampBook, record_files
 from lora_factory.resources import (
     BaseModelResource,
     CharacterIndex,
@@ -54,8 +54,9 @@ def store_crops(home) -> None:
                     "aesthetic_score": 0.9 if picture < 4 else 0.5,
                 }
             )
-    write_table(pd.DataFrame(rows), store.table_path("cleaned_crops", CHARACTER))
-    StampBook(store).write("cleaned_crops", CHARACTER, "test", "crops-v1", {})
+    table = store.table_path("cleaned_crops", CHARACTER)
+    write_table(pd.DataFrame(rows), table)
+    StampBook(store).write("cleaned_crops", CHARACTER, "test", "crops-v1", {}, record_files(store.root, [table]))
 
 
 def materialize(instance, home, caption_config=None):
@@ -119,20 +120,23 @@ def test_buckets_write_the_training_folder_config_frequencies_and_package(runs):
     samples = table.groupby(["bucket_width", "bucket_height"])["repeats"].sum()
     assert meta["steps_per_epoch"] == sum(-(-int(n) // 2) for n in samples)
     assert meta["steps_per_epoch_batch_size"] == 2
-    assert "seed 002" in meta["repeat_rule"]
+    assert "4/8/16" in meta["repeat_rule"]
     assert meta["mean_aspect_error"] == pytest.approx(table["aspect_error"].mean())
     assert sum(r.data["images"] for r in meta["buckets"].records) == 3 * PICTURES
 
-    train = meta["train_data_dir"]
-    config = tomllib.loads(Path(meta["kohya_dataset_config"]).read_text())
+    # Paths in metadata are relative to the home; image_dir to the config's own folder.
+    config_path = home / meta["kohya_dataset_config"]
+    config = tomllib.loads(config_path.read_text())
     folders = {s["image_dir"]: s["num_repeats"] for s in config["datasets"][0]["subsets"]}
-    assert folders == {f"{train}/{r}_{CHARACTER}": r for r in sorted(set(table["repeats"]))}
+    assert folders == {f"train/{r}_{CHARACTER}": r for r in sorted(set(table["repeats"]))}
+    assert all((config_path.parent / folder).is_dir() for folder in folders)
+    assert (home / meta["train_data_dir"]) == config_path.parent / "train"
     assert config["datasets"][0]["resolution"] == [128, 128]
-    frequency = json.loads(Path(meta["tag_frequency"]).read_text())
+    frequency = json.loads((home / meta["tag_frequency"]).read_text())
     assert set(frequency) == {f"{r}_{CHARACTER}" for r in set(table["repeats"])}
     assert sum(f["ash ek"] for f in frequency.values()) == 3 * PICTURES
 
-    with zipfile.ZipFile(meta["dataset_package"]) as package:
+    with zipfile.ZipFile(home / meta["dataset_package"]) as package:
         names = package.namelist()
         package_meta = json.loads(package.read("meta.json"))
     assert len(names) == 2 * 3 * PICTURES + 1
@@ -141,7 +145,7 @@ def test_buckets_write_the_training_folder_config_frequencies_and_package(runs):
     assert sorted(c["size"] for c in package_meta["clusters"]) == [18, 18]
     versions = package_meta["versions"]
     assert versions["tagger"]["model"] == "tiny-tagger" and len(versions["tagger"]["model_sha256"]) == 64
-    assert versions["code"] == {"captions": "2", "buckets": "2"}
+    assert versions["code"] == {"captions": "3", "buckets": "3"}
 
 
 def test_unchanged_inputs_are_reused_and_a_new_style_rebuilds(runs):

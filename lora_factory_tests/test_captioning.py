@@ -339,9 +339,9 @@ def test_outfit_triggers_for_outfits_of_eight_pictures_or_more():
     result = caption_dataset(crops, predictions, "ash", config)
     clusters = result.clusters.set_index("cluster")
     assert clusters["images"].tolist() == [10, 7] and clusters["size"].tolist() == [20, 14]
-    # Garments by frequency then name; cut modifiers last (seed 003).
+    # Garments by frequency then name; cut modifiers last.
     assert clusters.at[0, "trigger"] == "beige_skirt_navy_jacket_sleeveless"
-    assert clusters.at[1, "trigger"] == ""  # 7 pictures: below seed 003's minimum of 8
+    assert clusters.at[1, "trigger"] == ""  # 7 pictures: below the minimum of 8
     captions = result.table.set_index("crop_sha256")["caption"]
     assert captions[f"full{0:062d}"] == "ash, beige_skirt_navy_jacket_sleeveless, black boots, ribbon, smile"
     assert captions[f"head{0:062d}"] == "ash, smile"  # no outfit trigger on head crops

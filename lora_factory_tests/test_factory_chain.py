@@ -41,7 +41,7 @@ ASSETS = [
 CHAIN = [asset.key.to_user_string() for asset in ASSETS[1:]]
 
 
-def run_chain(instance, home: Path, partition: str = CHARACTER, **resource_overrides):
+def run_chain(instance, home: Path, partition: str = CHARACTER, selection=CHAIN, **resource_overrides):
     resources = {
         "storage": FactoryStorage(home=str(home)),
         "character_index": CharacterIndex(),
@@ -55,7 +55,7 @@ def run_chain(instance, home: Path, partition: str = CHARACTER, **resource_overr
         partition_key=partition,
         instance=instance,
         resources=resources,
-        selection=CHAIN,
+        selection=selection,
         raise_on_error=False,
     )
 
@@ -115,7 +115,7 @@ def test_full_chain_builds_a_release(factory):
 
     checkpoints = read_table(home / "tables" / "lora_checkpoints" / f"{CHARACTER}.parquet")
     assert len(checkpoints) >= 2
-    with safe_open(checkpoints["path"].iloc[-1], framework="pt") as lora:
+    with safe_open(home / checkpoints["path"].iloc[-1], framework="pt") as lora:
         keys = list(lora.keys())
         assert lora.metadata()["ss_network_module"] == "networks.lora"
     assert any(k.startswith("lora_unet_") for k in keys)

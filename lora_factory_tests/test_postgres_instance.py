@@ -12,6 +12,7 @@ import pytest
 
 from lora_factory.assets.index import character_index
 from lora_factory.resources import CharacterIndex, FactoryStorage
+from lora_factory.run_health import MonitoredRunLauncher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
@@ -45,6 +46,12 @@ def test_materialize_on_postgres_instance(scratch_database, tmp_path, monkeypatc
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert isinstance(instance.run_launcher, MonitoredRunLauncher)
+        assert instance.run_monitoring_enabled
+        run_queue = instance.get_concurrency_config().run_queue_config
+        assert run_queue.tag_concurrency_limits == [
+            {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+        ]
         result = dg.materialize(
             [character_index],
             instance=instance,

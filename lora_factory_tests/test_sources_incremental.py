@@ -126,11 +126,13 @@ def test_credentials_never_reach_manifests_walk_state_or_logs(tmp_path, caplog):
     routes["/index.php"] = lambda r: Reply(503)  # listing fails: the error names the URL
     with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(routes) as g_site:
         result = scrape(tmp_path, d_site.base_url, g_site.base_url, log=lines.append, max_retries=1)
-    assert result.listing_errors and "user_id=***" in result.listing_errors[0] and "api_key=***" in result.listing_errors[0]
+    (failure,) = result.site_errors
+    assert failure.site == "gelbooru" and "user_id=***" in failure.message and "api_key=***" in failure.message
     stored = [
         read_table(tmp_path / "raw_scrape.parquet").astype(str).to_csv(),
         walks_path(tmp_path / "raw_scrape.parquet").read_text(),
         result.per_tag.astype(str).to_csv(),
+        str(failure),
         "\n".join(lines),
         caplog.text,
     ]
@@ -196,3 +198,29 @@ def test_folding_parts_keeps_the_latest_rows_of_each_key_and_is_repeatable(tmp_p
     leftover[0].write_bytes(kept)  # killed after writing the manifest, before deleting the part
     parts.compact()
     pd.testing.assert_frame_equal(read_table(path).sort_values("post_id"), folded)
+
+
+def test_damaged_and_missing_blobs_are_downloaded_again(tmp_path):
+    _, danbooru, gelbooru = two_sites()
+    with LoopbackSite(danbooru.routes()) as d_site, LoopbackSite(gelbooru.routes()) as g_site:
+        first = scrape(tmp_path, d_site.base_url, g_site.base_url)
+        rows = first.manifest.set_index(["site", "post_id"])
+        blobs = BlobStore(tmp_path / "blobs")
+        # The oldest posts: on the last page, below the pages a caught-up re-run would list.
+        flipped, deleted = rows.loc[("danbooru", "1"), "sha256"], rows.loc[("gelbooru", "1001"), "sha256"]
+        data = bytearray(blobs.path(flipped).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blobs.path(flipped).write_bytes(bytes(data))
+        blobs.path(deleted).unlink()
+        d_before, g_before = len(file_hits(d_site)), len(file_hits(g_site))
+        second = scrape(tmp_path, d_site.base_url, g_site.base_url)
+        downloads = file_hits(d_site)[d_before:] + file_hits(g_site)[g_before:]
+    by_id = {p.id: p for p in danbooru.posts + gelbooru.posts}
+    assert sorted(downloads) == sorted(f"/files/{by_id[i].file_name}" for i in (1, 1001))
+    assert (second.counts.repaired, second.counts.new_posts, second.counts.failed) == (2, 2, 0)
+    assert second.per_site.set_index("site")["repaired"].to_dict() == {"danbooru": 1, "gelbooru": 1}
+    manifest = second.manifest
+    assert len(manifest) == 11 and manifest["error"].isna().all()
+    assert set(manifest["sha256"]) == set(rows["sha256"])  # the same bytes again, under the same names
+    assert all(blobs.verify(sha) for sha in manifest["sha256"])
+    assert (tmp_path / "blobs" / "damaged" / flipped).is_file()  # set aside, not silently overwritten

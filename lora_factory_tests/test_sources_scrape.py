@@ -122,7 +122,8 @@ def test_interrupted_scrape_resumes_from_the_last_written_page(tmp_path):
     with LoopbackSite({**booru.routes(), "/posts.json": listing}) as site:
         flaky = DanbooruClient("testbooru", site.base_url, http(max_retries=1), page_limit=4)
         partial = run(site, tmp_path, candidate_tags_by_site={"testbooru": [EK]}, clients={"testbooru": flaky})
-        assert len(partial.manifest) == 4 and len(partial.listing_errors) == 1
+        assert len(partial.manifest) == 4
+        assert [(e.site, e.phase) for e in partial.site_errors] == [("testbooru", "listing")]
         assert "HTTP 503" in partial.per_tag.loc[0, "listing_error"]
         assert len(read_table(tmp_path / "raw_scrape.parquet")) == 4  # written after the page
         first_files = {r.path for r in data_hits(site)}
@@ -132,13 +133,13 @@ def test_interrupted_scrape_resumes_from_the_last_written_page(tmp_path):
         second_files = [r.path for r in data_hits(site)][len(first_files):]
     assert resumed.counts.reused_posts == 4 and resumed.counts.new_posts == 6
     assert len(second_files) == 6 and not first_files & set(second_files)
-    assert len(resumed.manifest) == 10 and resumed.listing_errors == []
+    assert len(resumed.manifest) == 10 and resumed.site_errors == []
 
 
 def test_scrape_fails_loudly_when_no_site_can_be_listed(tmp_path):
     with LoopbackSite({"/posts.json": lambda r: Reply(500)}) as site:
         client = DanbooruClient("testbooru", site.base_url, http(max_retries=1))
-        with pytest.raises(RuntimeError, match="(?s)no site could be listed.*HTTP 500"):
+        with pytest.raises(RuntimeError, match=r"(?s)no site produced a post:\n- testbooru \(listing\).*HTTP 500"):
             run(site, tmp_path, clients={"testbooru": client})
 
 

@@ -132,15 +132,12 @@ def test_checkpoint_loads_in_diffusers_without_key_warnings(trained, tiny_sd, ca
     assert image.size == (128, 128)
 
 
-def test_same_run_again_trains_nothing(trained, tiny_sd, examples):
-    output_dir, checkpoints, _ = trained
-    before = {c.path: c.path.stat().st_mtime_ns for c in checkpoints}
-    messages: list[str] = []
-    again = _train(tiny_sd, examples, output_dir, messages.append)
-    assert again == checkpoints
-    assert any("already trained" in message for message in messages)
-    assert not any("step " in message for message in messages)
-    assert {c.path: c.path.stat().st_mtime_ns for c in checkpoints} == before
+def test_same_run_again_reproduces_the_same_files(trained, tiny_sd, examples, tmp_path):
+    """Whether to train is the caller's decision (the asset reuses verified results):
+    asked again, train_lora trains again and, seeded by position, writes the same bytes."""
+    _, checkpoints, _ = trained
+    again = _train(tiny_sd, examples, tmp_path / "again", lambda message: None)
+    assert [c.sha256 for c in again] == [c.sha256 for c in checkpoints]
 
 
 def test_sigkilled_training_process_resumes_to_the_same_weights(trained, tiny_sd, examples, tmp_path):

@@ -4,17 +4,49 @@ LanceDB and ONNX Runtime are imported inside the asset: Dagster imports this cod
 location in every process (webserver, daemon, sensors), which need neither.
 """
 
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
 import dagster as dg
+import pandas as pd
+from PIL import Image
 
 from lora_factory.assets.metadata import counts_metadata, table_metadata
-from lora_factory.assets.scraping import matched_tags
-from lora_factory.assets.stage import Stage
+from lora_factory.assets.scraping import MatchedTagsFiles, matched_tags
+from lora_factory.assets.stage import AssetFiles, Stage, UpstreamError, character_asset
 from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
-from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
 from lora_factory.reporting import contact_sheet_png, markdown_image
 from lora_factory.resources import FactoryStorage, VisionModelsResource
 from lora_factory.storage import read_table, write_table
+
+
+class CleanedCropsFiles(AssetFiles):
+    """cleaned_crops' tables (crops, drops, quarantine) and the crop images they name (blobs)."""
+
+    asset = "cleaned_crops"
+
+    def crops(self) -> pd.DataFrame:
+        return self.read_table()
+
+    def drops(self) -> pd.DataFrame:
+        return self.read_table("drops")
+
+    def quarantine(self) -> pd.DataFrame:
+        return self.read_table("quarantine")
+
+    def images(self, hashes: Iterable[str]) -> Iterator[Image.Image]:
+        """Crop images as RGB, one at a time; each blob is checked against its sha256."""
+        return self.store.blobs.images(hashes)
+
+    def image_path(self, sha256: str) -> Path:
+        """The stored file of one crop, after checking its bytes."""
+        if not self.store.blobs.verify(sha256):
+            raise UpstreamError(
+                f"crop {sha256} of {self.key} is missing or damaged: re-materialize cleaned_crops "
+                "for this character (a run of the whole chain repairs it)"
+            )
+        return self.store.blobs.path(sha256)
 
 
 class CleaningSettings(dg.Config):
@@ -48,10 +80,9 @@ class CleaningSettings(dg.Config):
         )
 
 
-@dg.asset(
-    partitions_def=characters_partitions,
+@character_asset(
     group_name="dataset",
-    code_version="1",
+    code_version="2",
     deps=[matched_tags],
     check_specs=[
         dg.AssetCheckSpec(
@@ -87,14 +118,21 @@ def cleaned_crops(
     from lora_factory.cleaning.embeddings import EmbeddingStore
 
     stage = Stage(
-        context, storage, config, upstream=("matched_tags",), extra={"models": vision_models.names()}
+        context,
+        storage,
+        CleanedCropsFiles,
+        config,
+        reads=(MatchedTagsFiles,),
+        extra={"models": vision_models.names()},
     )
-    crops_path = stage.store.table_path("cleaned_crops", stage.key)
-    drops_path = stage.store.table_path("cleaned_crops", stage.key, "drops")
-    quarantine_path = stage.store.table_path("cleaned_crops", stage.key, "quarantine")
+    crops_path = stage.files.table_path()
+    drops_path = stage.files.table_path("drops")
+    quarantine_path = stage.files.table_path("quarantine")
     embeddings = EmbeddingStore(stage.store.lancedb_dir)
-    if stage.needs_build(crops_path, drops_path, quarantine_path):
-        posts = read_table(stage.store.table_path("matched_tags", stage.key, "posts"))
+    if stage.reused is not None and embeddings.character_digest(stage.key) != stage.reused.output_hash:
+        stage.distrust(f"identity vectors in {stage.files.relative(stage.store.lancedb_dir)} are missing or differ")
+    if stage.needs_build():
+        posts = stage.read(MatchedTagsFiles).posts()
         result = clean_character(
             stage.key,
             posts,
@@ -110,6 +148,7 @@ def cleaned_crops(
         stage.finish(
             frame_hash(result.crops, ["crop_sha256", "kind"]),
             {"crops": len(result.crops), "purity": result.purity},
+            blobs=result.crops["crop_sha256"],
         )
     crops = read_table(crops_path)
     drops = read_table(drops_path)

@@ -7,14 +7,18 @@ process (webserver, daemon, sensors), which need none of it.
 
 import io
 import json
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from lora_factory.assets.cleaning import cleaned_crops
+from lora_factory.assets.cleaning import CleanedCropsFiles, cleaned_crops
+from lora_factory.assets.index import character_index
 from lora_factory.assets.metadata import table_metadata
-from lora_factory.assets.stage import Stage
+from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.bucketing.buckets import KohyaBuckets, resize_and_crop
 from lora_factory.bucketing.export import (
     ExportRow,
@@ -31,7 +35,6 @@ from lora_factory.bucketing.repeats import (
 )
 from lora_factory.captioning.captions import CaptionConfig, caption_dataset
 from lora_factory.captioning.tags import canonical_tag, escape_for_prompt
-from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
 from lora_factory.reporting import contact_sheet_png, markdown_image
 from lora_factory.resources import (
@@ -40,14 +43,79 @@ from lora_factory.resources import (
     FactoryStorage,
     VisionModelsResource,
 )
-from lora_factory.storage import atomic_write_json, read_table, sha256_file, write_table
+from lora_factory.storage import (
+    atomic_write_json,
+    read_json,
+    read_table,
+    sha256_file,
+    write_table,
+)
 
-CAPTIONS_CODE_VERSION = "2"
-BUCKETS_CODE_VERSION = "2"
+CAPTIONS_CODE_VERSION = "3"
+BUCKETS_CODE_VERSION = "3"
+
+
+@dataclass(frozen=True)
+class CaptionSummary:
+    """What captions decided for the whole dataset (summary.json)."""
+
+    trigger_word: str  # as captions write it, so prompts and the model card use the same words
+    style: str
+    core_tags: list[str]
+    core_share: dict[str, float]
+    outfit_triggers: dict[str, str]
+    tag_frequency: dict[str, int]
+    tagger: dict[str, Any]
+
+
+class CaptionsFiles(AssetFiles):
+    """captions' caption table (one row per crop), outfit clusters and summary.json."""
+
+    asset = "captions"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.folder / "summary.json"
+
+    def table(self) -> pd.DataFrame:
+        return self.read_table()
+
+    def clusters(self) -> pd.DataFrame:
+        return self.read_table("clusters")
+
+    def summary(self) -> CaptionSummary:
+        return CaptionSummary(**read_json(self.verified(self.summary_path)))
+
+
+class BucketsFiles(AssetFiles):
+    """buckets' table (crop, caption, repeats, bucket, image path), repeat groups, the kohya
+    training folder `train/`, its dataset config, tag frequencies, meta.json and the package."""
+
+    asset = "buckets"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.folder / "train"
+
+    def table(self) -> pd.DataFrame:
+        return self.read_table()
+
+    def groups(self) -> pd.DataFrame:
+        return self.read_table("groups")
+
+    def meta(self) -> dict[str, Any]:
+        return read_json(self.verified(self.folder / "meta.json"))
+
+    def resolution(self) -> int:
+        return int(self.meta()["buckets"]["settings"]["resolution"][0])  # square: [side, side]
+
+    def training_image(self, relative: str) -> Path:
+        """One picture of the training folder (`<repeats>_<key>/<stem>.png`), checked."""
+        return self.verified(self.train_dir / relative)
 
 
 class CaptionSettings(dg.Config):
-    """How crops are captioned. Styles (seed 003): `fluid` prunes nothing, `semi-static`
+    """How crops are captioned. Styles: `fluid` prunes nothing, `semi-static`
     prunes the core tags, `static` prunes the core tags and the dominant outfit.
     `fold_generic` / `fold_species`: 1girl/1boy/solo and species tags (horse_girl)
     count as core tags. Outfit triggers: clusters of at least
@@ -91,11 +159,10 @@ def package_version() -> str:
         return "not installed"
 
 
-@dg.asset(
-    partitions_def=characters_partitions,
+@character_asset(
     group_name="dataset",
     code_version=CAPTIONS_CODE_VERSION,
-    deps=[cleaned_crops],
+    deps=[cleaned_crops, character_index],
     description=(
         "One caption per crop: tagger output (scores kept) cleaned (implied, blacklisted "
         "and meta tags dropped, synonyms merged), core feature tags (hair, eyes, ...) "
@@ -115,21 +182,23 @@ def captions(
     stage = Stage(
         context,
         storage,
+        CaptionsFiles,
         config,
-        upstream=("cleaned_crops",),
+        reads=(CleanedCropsFiles,),
         extra={"tagger": vision_models.tagger, "trigger": row.trigger, "banned": row.banned_tags},
     )
-    table_path = stage.store.table_path("captions", stage.key)
-    clusters_path = stage.store.table_path("captions", stage.key, "clusters")
-    summary_path = stage.store.artefact_dir("captions", stage.key) / "summary.json"
-    if stage.needs_build(table_path, clusters_path, summary_path):
+    table_path = stage.files.table_path()
+    clusters_path = stage.files.table_path("clusters")
+    summary_path = stage.files.summary_path
+    if stage.needs_build():
         caption_config = CaptionConfig(**config.model_dump(), extra_blacklist=tuple(row.banned_tags))
-        crops = read_table(stage.store.table_path("cleaned_crops", stage.key))
+        cleaned = stage.read(CleanedCropsFiles)
+        crops = cleaned.crops()
         tagger = vision_models.load(stage.store).tagger
         # The configured thresholds, not the model's defaults, decide what the tagger returns.
         tagger.general_threshold = caption_config.general_threshold
         tagger.character_threshold = caption_config.character_threshold
-        predictions = tagger.predict(stage.images(crops["crop_sha256"]))
+        predictions = tagger.predict(cleaned.images(crops["crop_sha256"]))
         context.log.info(f"tagged {len(predictions)} crops")
         result = caption_dataset(crops, predictions, row.trigger, caption_config)
         keep = [c for c in ("crop_sha256", "kind", "source_sha256", "aesthetic_label", "aesthetic_score")
@@ -160,15 +229,15 @@ def captions(
         stage.finish(frame_hash(table, ["crop_sha256", "caption", "cluster"]), {})
     table = read_table(table_path)
     clusters = read_table(clusters_path)
-    summary = json.loads(summary_path.read_text())
-    top = pd.DataFrame(list(summary["tag_frequency"].items())[:30], columns=["tag", "captions"])
-    core = pd.DataFrame(list(summary["core_share"].items()), columns=["core_tag", "share_of_crops"])
+    summary = CaptionSummary(**read_json(summary_path))
+    top = pd.DataFrame(list(summary.tag_frequency.items())[:30], columns=["tag", "captions"])
+    core = pd.DataFrame(list(summary.core_share.items()), columns=["core_tag", "share_of_crops"])
     return stage.result(
         {
             "dagster/row_count": len(table),
-            "trigger_word": summary["trigger_word"],
-            "caption_style": summary["style"],
-            "core_tags": dg.MetadataValue.md(", ".join(f"`{t}`" for t in summary["core_tags"])),
+            "trigger_word": summary.trigger_word,
+            "caption_style": summary.style,
+            "core_tags": dg.MetadataValue.md(", ".join(f"`{t}`" for t in summary.core_tags)),
             "core_tag_shares": table_metadata(core),
             "outfit_clusters": table_metadata(_listed(clusters)),
             "outfit_cluster_sheets": dg.MetadataValue.md(_cluster_sheets(stage, table, clusters)),
@@ -176,7 +245,7 @@ def captions(
             "captions": table_metadata(
                 table[["crop_sha256", "kind", "cluster", "caption"]], max_rows=100
             ),
-            "tagger": dg.MetadataValue.json(summary["tagger"]),
+            "tagger": dg.MetadataValue.json(summary.tagger),
         }
     )
 
@@ -205,11 +274,10 @@ def _cluster_sheets(stage: Stage, table: pd.DataFrame, clusters: pd.DataFrame) -
     return "\n\n".join(parts)
 
 
-@dg.asset(
-    partitions_def=characters_partitions,
+@character_asset(
     group_name="dataset",
     code_version=BUCKETS_CODE_VERSION,
-    deps=[captions],
+    deps=[captions, cleaned_crops],
     description=(
         "Aspect-ratio buckets exactly as kohya sd-scripts makes them (with or without "
         "upscaling), repeats that balance outfit clusters, crop kinds and quality tiers, "
@@ -228,20 +296,22 @@ def buckets(
     stage = Stage(
         context,
         storage,
+        BucketsFiles,
         config,
-        upstream=("captions",),
+        reads=(CaptionsFiles, CleanedCropsFiles),
         extra={"base": base_model.source, "vision": vision_models.names()},
     )
-    artefacts = stage.store.artefact_dir("buckets", stage.key)
-    table_path = stage.store.table_path("buckets", stage.key)
-    groups_path = stage.store.table_path("buckets", stage.key, "groups")
-    dataset_dir = artefacts / "train"
+    artefacts = stage.files.folder
+    table_path = stage.files.table_path()
+    groups_path = stage.files.table_path("groups")
+    dataset_dir = stage.files.train_dir
     config_path = artefacts / "dataset_config.toml"
     frequency_path = artefacts / "tag_frequency.json"
     meta_path = artefacts / "meta.json"
     package_path = artefacts / f"{stage.key}_dataset.zip"
-    outputs = (table_path, groups_path, dataset_dir, config_path, frequency_path, meta_path, package_path)
-    if stage.needs_build(*outputs):
+    if stage.needs_build():
+        captioned = stage.read(CaptionsFiles)
+        crops = stage.read(CleanedCropsFiles)
         from lora_factory.training.base_model import native_resolution
 
         resolution = config.resolution or native_resolution(base_model.resolve(stage.store))
@@ -252,7 +322,7 @@ def buckets(
             step=config.step,
             no_upscale=config.no_upscale,
         )
-        table = read_table(stage.store.table_path("captions", stage.key))
+        table = captioned.table()
         plan = assign_repeats(
             table,
             kind_weights={**DEFAULT_KIND_WEIGHTS, "head": config.head_weight},
@@ -263,7 +333,7 @@ def buckets(
         table["repeats"] = plan.row_repeats().to_numpy()
         rows, placed = [], []
         for record, image in zip(
-            table.itertuples(index=False), stage.images(table["crop_sha256"]), strict=True
+            table.itertuples(index=False), crops.images(table["crop_sha256"]), strict=True
         ):
             choice = bucketing.select(image.width, image.height)
             trained = resize_and_crop(image, choice.bucket, choice.resized)
@@ -287,15 +357,15 @@ def buckets(
         table = pd.concat([table, pd.DataFrame(placed)], axis=1)
         steps = plan.steps_per_epoch(config.batch_size, buckets=_bucket_names(table))
         kohya_dataset_config(
-            config_path, dataset_dir, stage.key, table["repeats"], bucketing.settings(), config.batch_size
+            config_path, Path(dataset_dir.name), stage.key, table["repeats"], bucketing.settings(), config.batch_size
         )
         atomic_write_json(frequency_path, folder_tag_frequency(rows, stage.key))
-        meta = _package_meta(stage, config, table, base_model, vision_models, bucketing, plan, steps)
+        meta = _package_meta(stage, captioned, config, table, base_model, vision_models, bucketing, plan, steps)
         atomic_write_json(meta_path, meta)
         write_dataset_package(
             package_path,
             [
-                ExportRow(stage.store.blobs.path(record.crop_sha256), record.caption, 1, record.crop_sha256[:16])
+                ExportRow(crops.image_path(record.crop_sha256), record.caption, 1, record.crop_sha256[:16])
                 for record in table.itertuples(index=False)
             ],
             meta,
@@ -308,7 +378,7 @@ def buckets(
         )
     table = read_table(table_path)
     groups = read_table(groups_path)
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     names = _bucket_names(table)
     bucket_counts = pd.DataFrame(
         {
@@ -331,10 +401,10 @@ def buckets(
             "repeat_rule": dg.MetadataValue.md(meta["repeats"]["rule"]),
             "repeat_groups": table_metadata(groups),
             "crops_by_kind": dg.MetadataValue.json(meta["crops_by_kind"]),
-            "train_data_dir": dg.MetadataValue.path(str(dataset_dir)),
-            "kohya_dataset_config": dg.MetadataValue.path(str(config_path)),
-            "tag_frequency": dg.MetadataValue.path(str(frequency_path)),
-            "dataset_package": dg.MetadataValue.path(str(package_path)),
+            "train_data_dir": dg.MetadataValue.path(stage.files.relative(dataset_dir)),
+            "kohya_dataset_config": dg.MetadataValue.path(stage.files.relative(config_path)),
+            "tag_frequency": dg.MetadataValue.path(stage.files.relative(frequency_path)),
+            "dataset_package": dg.MetadataValue.path(stage.files.relative(package_path)),
         }
     )
 
@@ -345,6 +415,7 @@ def _bucket_names(table: pd.DataFrame) -> pd.Series:
 
 def _package_meta(
     stage: Stage,
+    captioned: CaptionsFiles,
     config: BucketSettings,
     table: pd.DataFrame,
     base_model: BaseModelResource,
@@ -354,15 +425,15 @@ def _package_meta(
     steps_per_epoch: int,
 ) -> dict:
     """meta.json of the dataset package: what is in it and what made it."""
-    summary = json.loads((stage.store.artefact_dir("captions", stage.key) / "summary.json").read_text())
-    clusters = read_table(stage.store.table_path("captions", stage.key, "clusters"))
+    summary = captioned.summary()
+    clusters = captioned.clusters()
     names = _bucket_names(table)
     return {
         "character": stage.key,
-        "trigger_word": summary["trigger_word"],
-        "caption_style": summary["style"],
-        "core_tags": summary["core_tags"],
-        "core_share": summary["core_share"],
+        "trigger_word": summary.trigger_word,
+        "caption_style": summary.style,
+        "core_tags": summary.core_tags,
+        "core_share": summary.core_share,
         "clusters": [
             {
                 "cluster": int(c.cluster),
@@ -397,7 +468,7 @@ def _package_meta(
             "lora_factory": package_version(),
             "code": {"captions": CAPTIONS_CODE_VERSION, "buckets": BUCKETS_CODE_VERSION},
             "upstream_data": stage.upstream_hashes,
-            "tagger": summary["tagger"],
+            "tagger": summary.tagger,
             "vision_models": vision_models.names(),
             "base_model": base_model.source,
         },

@@ -4,14 +4,16 @@ torch and diffusers are imported inside the asset (see assets/dataset.py for why
 """
 
 import io
-import json
-from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 
+from lora_factory.assets.cleaning import CleanedCropsFiles, cleaned_crops
+from lora_factory.assets.dataset import CaptionsFiles, captions
+from lora_factory.assets.index import character_index
 from lora_factory.assets.metadata import table_metadata
-from lora_factory.assets.stage import Stage
-from lora_factory.assets.training import lora_checkpoints
+from lora_factory.assets.stage import AssetFiles, Stage, character_asset
+from lora_factory.assets.training import LoraCheckpointsFiles, lora_checkpoints
 from lora_factory.evaluation.prompts import preview_prompts
 from lora_factory.evaluation.recscore import score_checkpoints
 from lora_factory.evaluation.release import METRICS_FILE, MODEL_CARD, write_release
@@ -20,7 +22,6 @@ from lora_factory.evaluation.selection import (
     choose_step,
     selection_rule_text,
 )
-from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
 from lora_factory.reporting import image_grid_png, markdown_image, metric_curve_png
 from lora_factory.resources import (
@@ -47,25 +48,47 @@ class EvaluationSettings(dg.Config):
     beta: float = DEFAULT_BETA
 
 
-def _prompts(stage: Stage, gender: str, base_seed: int):
-    """(trigger word, core tags, preview prompts) from the captions stage's summary."""
-    summary = json.loads((stage.store.artefact_dir("captions", stage.key) / "summary.json").read_text())
-    clusters = read_table(stage.store.table_path("captions", stage.key, "clusters"))
-    trigger = summary["trigger_word"]
-    return trigger, summary["core_tags"], preview_prompts(
-        trigger,
-        summary["core_tags"],
+def _prompts(captioned: CaptionsFiles, gender: str, base_seed: int):
+    """(trigger word, core tags, preview prompts) from what captions decided."""
+    summary = captioned.summary()
+    clusters = captioned.clusters()
+    return summary.trigger_word, summary.core_tags, preview_prompts(
+        summary.trigger_word,
+        summary.core_tags,
         [list(tags) for tags in clusters.sort_values("cluster")["tags"]],
         gender_tag=GENDER_TAGS[gender],
         base_seed=base_seed,
     )
 
 
-@dg.asset(
-    partitions_def=characters_partitions,
+class RecscoreFiles(AssetFiles):
+    """recscore_table's scores per checkpoint, the preview images per step, the preview
+    grid and the RecScore curve."""
+
+    asset = "recscore_table"
+
+    def table(self) -> pd.DataFrame:
+        return self.read_table()
+
+    def preview_grid_png(self) -> bytes:
+        return self.verified(self.folder / "previews_grid.png").read_bytes()
+
+
+class ChosenModelFiles(AssetFiles):
+    """chosen_model's release folder `releases/<key>/`: LoRA, model card, previews, metrics."""
+
+    asset = "chosen_model"
+    extra_roots = ("releases/{key}",)
+
+    @property
+    def release_dir(self):
+        return self.store.root / self.extra_roots[0].format(key=self.key)
+
+
+@character_asset(
     group_name="evaluation",
-    code_version="1",
-    deps=[lora_checkpoints],
+    code_version="2",
+    deps=[lora_checkpoints, captions, cleaned_crops, character_index],
     description=(
         "RecScore per checkpoint: previews from a fixed prompt set (one prompt per outfit "
         "cluster plus framing, pose and expression prompts; fixed seeds), fidelity = share "
@@ -86,19 +109,20 @@ def recscore_table(
     stage = Stage(
         context,
         storage,
+        RecscoreFiles,
         config,
-        upstream=("lora_checkpoints", "captions", "cleaned_crops"),
+        reads=(LoraCheckpointsFiles, CaptionsFiles, CleanedCropsFiles),
         extra={"models": vision_models.names(), "base": base_model.source, "row": row.content_hash()},
     )
-    table_path = stage.store.table_path("recscore_table", stage.key)
-    out_dir = stage.store.artefact_dir("recscore_table", stage.key)
+    table_path = stage.files.table_path()
+    out_dir = stage.files.folder
     grid_path, curve_path = out_dir / "previews_grid.png", out_dir / "recscore_curve.png"
-    if stage.needs_build(table_path, grid_path, curve_path):
+    if stage.needs_build():
         from lora_factory.evaluation.previews import PreviewRenderer
 
-        checkpoints = read_table(stage.store.table_path("lora_checkpoints", stage.key))
-        crops = read_table(stage.store.table_path("cleaned_crops", stage.key))
-        _, _, prompts = _prompts(stage, row.gender, config.base_seed)
+        cleaned = stage.read(CleanedCropsFiles)
+        crops = cleaned.crops()
+        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)
         models = vision_models.load(stage.store)
         renderer = PreviewRenderer(
             base_model.resolve(stage.store),
@@ -109,10 +133,10 @@ def recscore_table(
             clip_skip=base_model.clip_skip,
         )
         table, previews = score_checkpoints(
-            list(zip(checkpoints["step"], checkpoints["path"], strict=True)),
+            stage.read(LoraCheckpointsFiles).checkpoints(),
             renderer,
             prompts,
-            stage.images(crops["crop_sha256"]),
+            cleaned.images(crops["crop_sha256"]),
             models.identity,
             models.tagger,
             context.log,
@@ -131,6 +155,7 @@ def recscore_table(
             ),
         )
         atomic_write_bytes(curve_path, metric_curve_png(table))
+        table["path"] = table["path"].map(lambda path: stage.files.relative(path))
         write_table(table, table_path)
         stage.finish(frame_hash(table, ["step", "fidelity", "prompt_following", "score"]), {})
     table = read_table(table_path)
@@ -141,16 +166,15 @@ def recscore_table(
             "best_score": float(table["score"].max()),
             "preview_grid": dg.MetadataValue.md(markdown_image(grid_path.read_bytes(), "previews")),
             "recscore_curve": dg.MetadataValue.md(markdown_image(curve_path.read_bytes(), "curve")),
-            "previews_dir": dg.MetadataValue.path(str(out_dir)),
+            "previews_dir": dg.MetadataValue.path(stage.files.relative(out_dir)),
         }
     )
 
 
-@dg.asset(
-    partitions_def=characters_partitions,
+@character_asset(
     group_name="evaluation",
-    code_version="1",
-    deps=[recscore_table],
+    code_version="2",
+    deps=[recscore_table, lora_checkpoints, captions, character_index],
     description=(
         "The checkpoint with the best F-beta (beta 3) of fidelity and prompt following, "
         "published as a release folder: the LoRA, a model card (trigger word, core tags, "
@@ -168,23 +192,23 @@ def chosen_model(
     stage = Stage(
         context,
         storage,
+        ChosenModelFiles,
         config,
-        upstream=("recscore_table", "lora_checkpoints", "captions"),
+        reads=(RecscoreFiles, LoraCheckpointsFiles, CaptionsFiles),
         extra={"row": row.content_hash(), "base": base_model.source},
     )
-    release_dir = stage.store.root / "releases" / stage.key
-    if stage.needs_build(release_dir / MODEL_CARD):
-        table = read_table(stage.store.table_path("recscore_table", stage.key))
+    release_dir = stage.files.release_dir
+    scores = stage.read(RecscoreFiles)
+    if stage.needs_build():
+        table = scores.table()
         step = choose_step(table, beta=config.beta)
-        trigger, core_tags, prompts = _prompts(stage, row.gender, config.base_seed)
-        recscore_dir = stage.store.artefact_dir("recscore_table", stage.key)
-        lora_path = Path(table.loc[table["step"] == step, "path"].iloc[0])
+        trigger, core_tags, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)
         write_release(
             release_dir,
-            lora_path,
+            stage.read(LoraCheckpointsFiles).checkpoint(step),
             step,
             table,
-            (recscore_dir / "previews_grid.png").read_bytes(),
+            scores.preview_grid_png(),
             metric_curve_png(table, chosen_step=step),
             trigger,
             core_tags,
@@ -204,7 +228,7 @@ def chosen_model(
         )
         stage.finish(f"{step}:{stage.upstream_hashes['recscore_table']}", {"step": step})
     step = stage.stamp.summary["step"]
-    table = read_table(stage.store.table_path("recscore_table", stage.key))
+    table = scores.table()
     chosen = table[table["step"] == step].iloc[0]
     context.log.info(f"{stage.key}: chose step {step}; release at {release_dir}")
     return stage.result(
@@ -214,7 +238,7 @@ def chosen_model(
             "prompt_following": float(chosen["prompt_following"]),
             "score": float(chosen["score"]),
             "selection_rule": selection_rule_text(config.beta),
-            "release_dir": dg.MetadataValue.path(str(release_dir)),
+            "release_dir": dg.MetadataValue.path(stage.files.relative(release_dir)),
             "metrics_plot": dg.MetadataValue.md(
                 markdown_image((release_dir / METRICS_FILE).read_bytes(), "metrics")
             ),

@@ -8,7 +8,7 @@ import pandas as pd
 
 from lora_factory.assets.index import character_index
 from lora_factory.assets.metadata import table_metadata
-from lora_factory.assets.stage import Stage
+from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.matching.tag_matching import match_character, surviving_posts
 from lora_factory.matching.visual import (
     VISUAL_SAMPLE_SIZE,
@@ -16,7 +16,6 @@ from lora_factory.matching.visual import (
     embed_reference_images,
     manifest_sampler,
 )
-from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import frame_hash
 from lora_factory.resources import (
     CharacterIndex,
@@ -24,21 +23,41 @@ from lora_factory.resources import (
     ImageSites,
     VisionModelsResource,
 )
-from lora_factory.sources.scrape import (
-    candidate_tags,
-    candidates_frame,
-    scrape_character,
-)
+from lora_factory.sources.scrape import find_and_scrape
 from lora_factory.storage import read_table, sha256_file, write_table
 
 # Columns that identify what was scraped (not where from: the demo booru's port changes).
 MANIFEST_IDENTITY = ["site", "post_id", "candidate_tag", "sha256"]
 
 
-@dg.asset(
-    partitions_def=characters_partitions,
+class RawScrapeFiles(AssetFiles):
+    """raw_scrape's tables: the manifest (one row per site, post and candidate tag) and the
+    candidate tags found per site. The images themselves are blobs, by the manifest's sha256."""
+
+    asset = "raw_scrape"
+
+    def manifest(self) -> pd.DataFrame:
+        return self.read_table()
+
+    def candidates(self) -> pd.DataFrame:
+        return self.read_table("candidates")
+
+
+class MatchedTagsFiles(AssetFiles):
+    """matched_tags' tables: the decision per candidate tag, and the posts that survive."""
+
+    asset = "matched_tags"
+
+    def decisions(self) -> pd.DataFrame:
+        return self.read_table()
+
+    def posts(self) -> pd.DataFrame:
+        return self.read_table("posts")
+
+
+@character_asset(
     group_name="dataset",
-    code_version="1",
+    code_version="2",
     deps=[character_index],
     description=(
         "Posts found on each enabled site for the character's candidate tags (tag search "
@@ -53,44 +72,29 @@ def raw_scrape(
     character_index: CharacterIndex,
     image_sites: ImageSites,
 ) -> dg.MaterializeResult:
-    stage = Stage(context, storage, reusable=False)
+    stage = Stage(context, storage, RawScrapeFiles, reusable=False)
     row = character_index.row(stage.key)
     clients, skipped_sites = image_sites.build()
     for message in skipped_sites:
         context.log.warning(message)
-    tags_by_site = {
-        site: candidate_tags(
-            row.all_names,
-            client,
-            forced_tags=[row.site_tags[site]] if site in row.site_tags else [],
-            franchise=row.franchise,
-        )
-        for site, client in clients.items()
-    }
-    candidates = candidates_frame(tags_by_site)
-    if candidates.empty:
-        raise RuntimeError(
-            f"{stage.key}: no site has a character tag for any of the names "
-            f"{list(row.all_names)}; add aliases to the index row, or force a tag with "
-            "site_tags: {<site>: <tag>}"
-        )
-    context.log.info(f"{stage.key}: candidate tags {candidates[['site', 'tag']].values.tolist()}")
-    result = scrape_character(
+    result = find_and_scrape(
         stage.key,
-        {site: [tag.name for tag in tags] for site, tags in tags_by_site.items()},
+        row.all_names,
         clients,
         stage.store.blobs,
-        stage.store.table_path("raw_scrape", stage.key),
+        stage.files.table_path(),
+        franchise=row.franchise,
+        site_tags=row.site_tags,
         max_posts_per_tag=image_sites.max_posts_per_tag,
         log=context.log.info,
     )
-    write_table(candidates, stage.store.table_path("raw_scrape", stage.key, "candidates"))
-    counts = result.counts
+    counts, manifest, candidates = result.counts, result.manifest, result.candidates
+    if counts.repaired:
+        context.log.warning(f"{stage.key}: {counts.repaired} damaged or missing images downloaded again")
     stage.finish(
-        frame_hash(result.manifest, MANIFEST_IDENTITY) + frame_hash(candidates),
-        {"posts": len(result.manifest), "new": counts.new_posts},
+        frame_hash(manifest, MANIFEST_IDENTITY) + frame_hash(candidates),
+        {"posts": len(manifest), "new": counts.new_posts},
     )
-    manifest = result.manifest
     return stage.result(
         {
             "dagster/row_count": len(manifest),
@@ -101,9 +105,8 @@ def raw_scrape(
             "skipped_animated": counts.animated_skipped,
             "skipped_over_pixel_cap": counts.oversize_skipped,
             "downloaded_mb": round(counts.downloaded_bytes / 2**20, 2),
-            "listing_errors": dg.MetadataValue.md(
-                "\n".join(f"- {e}" for e in result.listing_errors) or "none"
-            ),
+            "repaired_images": counts.repaired,
+            "site_errors": dg.MetadataValue.md("\n".join(f"- {e}" for e in result.site_errors) or "none"),
             "skipped_sites": dg.MetadataValue.md("\n".join(f"- {m}" for m in skipped_sites) or "none"),
             "per_tag": table_metadata(result.per_tag),
             "candidates": table_metadata(candidates),
@@ -111,7 +114,7 @@ def raw_scrape(
                 manifest[["site", "post_id", "candidate_tag", "width", "height", "rating", "error"]],
                 max_rows=25,
             ),
-            "manifest_path": dg.MetadataValue.path(str(stage.store.table_path("raw_scrape", stage.key))),
+            "manifest_path": dg.MetadataValue.path(stage.files.relative(stage.files.table_path())),
         }
     )
 
@@ -123,11 +126,10 @@ class MatchingSettings(dg.Config):
     visual_sample_size: int = VISUAL_SAMPLE_SIZE
 
 
-@dg.asset(
-    partitions_def=characters_partitions,
+@character_asset(
     group_name="dataset",
-    code_version="2",
-    deps=[raw_scrape],
+    code_version="3",
+    deps=[raw_scrape, character_index],
     description=(
         "For each site, which candidate tag really is this character: name similarity, "
         "franchise co-occurrence in the posts, post count and visual consistency (identity "
@@ -154,12 +156,13 @@ def matched_tags(
     if config.visual_evidence:
         extra["identity_model"] = vision_models.identity
         extra["reference_images"] = [sha256_file(p) if p.is_file() else str(p) for p in reference_paths]
-    stage = Stage(context, storage, config, upstream=("raw_scrape",), extra=extra)
-    table_path = stage.store.table_path("matched_tags", stage.key)
-    posts_path = stage.store.table_path("matched_tags", stage.key, "posts")
-    if stage.needs_build(table_path, posts_path):
-        manifest = read_table(stage.store.table_path("raw_scrape", stage.key))
-        candidates = read_table(stage.store.table_path("raw_scrape", stage.key, "candidates"))
+    stage = Stage(context, storage, MatchedTagsFiles, config, reads=(RawScrapeFiles,), extra=extra)
+    table_path = stage.files.table_path()
+    posts_path = stage.files.table_path("posts")
+    if stage.needs_build():
+        scraped = stage.read(RawScrapeFiles)
+        manifest = scraped.manifest()
+        candidates = scraped.candidates()
         visual = None
         if config.visual_evidence:
             identity = vision_models.load_identity(stage.store)

@@ -3,21 +3,20 @@
 torch and Lightning are imported inside the asset (see assets/dataset.py for why).
 """
 
-import json
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from lora_factory.assets.dataset import buckets
+from lora_factory.assets.dataset import BucketsFiles, CaptionsFiles, buckets, captions
 from lora_factory.assets.metadata import table_metadata
-from lora_factory.assets.stage import Stage
+from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.captioning.captions import tag_frequency
-from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import fingerprint
 from lora_factory.resources import BaseModelResource, FactoryStorage
 from lora_factory.resources.models import TINY_BASE_MODEL
-from lora_factory.storage import read_table, write_table
+from lora_factory.storage import read_json, read_table, write_table
 from lora_factory.training.config import TrainingConfig
 
 # The tiny demo base model has random weights: its LoRAs are meaningless, so the demo
@@ -28,7 +27,7 @@ TINY_MODEL_SAVE_EVERY = 24
 
 class TrainingSettings(dg.Config):
     """Training knobs; 0 means "decided for you": rank, alpha and the training length from
-    the dataset size (DESIGN §4), learning rates from the optimizer."""
+    the dataset size (more images, fewer epochs), learning rates from the optimizer."""
 
     network_type: str = "lora"  # lora | loha | lokr (LyCORIS layout)
     rank: int = 0
@@ -88,11 +87,36 @@ class TrainingSettings(dg.Config):
         )
 
 
-@dg.asset(
-    partitions_def=characters_partitions,
+class LoraCheckpointsFiles(AssetFiles):
+    """lora_checkpoints' table (step, epoch, home-relative path, sha256), the LoRA files and
+    `run.json` (the resolved training settings that really ran)."""
+
+    asset = "lora_checkpoints"
+
+    def table(self) -> pd.DataFrame:
+        return self.read_table()
+
+    def checkpoint(self, step: int) -> Path:
+        """The LoRA file saved at `step`, after checking its bytes."""
+        table = self.table()
+        rows = table[table["step"] == int(step)]
+        if rows.empty:
+            raise ValueError(f"{self.key} has no checkpoint at step {step} (steps {sorted(table['step'])})")
+        return self.verified(self.store.root / rows["path"].iloc[0])
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        return [(int(step), self.checkpoint(step)) for step in self.table()["step"]]
+
+    def run_config(self) -> dict[str, Any]:
+        from lora_factory.training.train import MANIFEST_NAME
+
+        return read_json(self.verified(self.folder / MANIFEST_NAME))["config"]
+
+
+@character_asset(
     group_name="training",
-    code_version="2",
-    deps=[buckets],
+    code_version="3",
+    deps=[buckets, captions],
     pool="gpu",
     description=(
         "A LoRA / LoHa / LoKr (peft, trained with Lightning on the base model) saved every N "
@@ -110,24 +134,22 @@ def lora_checkpoints(
     stage = Stage(
         context,
         storage,
+        LoraCheckpointsFiles,
         config,
-        upstream=("buckets", "captions"),
-        extra={"base": base_model.source, "clip_skip": base_model.clip_skip},
+        reads=(BucketsFiles, CaptionsFiles),
+        extra={"base": base_model.identity(storage.store()), "clip_skip": base_model.clip_skip},
     )
-    table_path = stage.store.table_path("lora_checkpoints", stage.key)
-    output_dir = stage.store.artefact_dir("lora_checkpoints", stage.key)
-    if stage.needs_build(table_path):
+    table_path = stage.files.table_path()
+    output_dir = stage.files.folder
+    if stage.needs_build():
         from lora_factory.training.dataset import TrainingExample
         from lora_factory.training.train import train_lora
 
-        dataset = read_table(stage.store.table_path("buckets", stage.key))
-        dataset_dir = stage.store.artefact_dir("buckets", stage.key) / "train"
-        summary = json.loads(
-            (stage.store.artefact_dir("captions", stage.key) / "summary.json").read_text()
-        )
+        bucketed = stage.read(BucketsFiles)
+        dataset = bucketed.table()
         examples = [
             TrainingExample(
-                image_path=dataset_dir / record.image_path,
+                image_path=bucketed.training_image(record.image_path),
                 caption=record.caption,
                 bucket=(int(record.bucket_width), int(record.bucket_height)),
                 repeats=int(record.repeats),
@@ -136,7 +158,7 @@ def lora_checkpoints(
         ]
         # kohya's folders: one per repeat count, `<repeats>_<name>`.
         folders = {f"{r}_{stage.key}": rows for r, rows in dataset.groupby("repeats")}
-        resolution = int(stage.upstream("buckets").summary["resolution"])
+        resolution = bucketed.resolution()
         training_config = config.training_config(
             resolution, base_model.clip_skip, tiny_base=base_model.source == TINY_BASE_MODEL
         )
@@ -146,7 +168,7 @@ def lora_checkpoints(
             output_dir,
             training_config,
             output_name=stage.key,
-            trigger_word=summary["trigger_word"],
+            trigger_word=stage.read(CaptionsFiles).summary().trigger_word,
             tag_frequency={
                 folder: tag_frequency(rows["caption"]) for folder, rows in folders.items()
             },
@@ -161,7 +183,7 @@ def lora_checkpoints(
         )
         table = pd.DataFrame(
             [
-                {"step": c.step, "epoch": c.epoch, "path": str(c.path), "sha256": c.sha256}
+                {"step": c.step, "epoch": c.epoch, "path": stage.files.relative(c.path), "sha256": c.sha256}
                 for c in checkpoints
             ]
         )
@@ -170,15 +192,14 @@ def lora_checkpoints(
     from lora_factory.training.train import MANIFEST_NAME
 
     table = read_table(table_path)
-    final = Path(table["path"].iloc[-1])
-    run = json.loads((output_dir / MANIFEST_NAME).read_text())
+    run = read_json(output_dir / MANIFEST_NAME)
     return stage.result(
         {
             "dagster/row_count": len(table),
             # The resolved settings that really ran (rank, steps, learning rates, optimizer).
             "training_config": dg.MetadataValue.json(run["config"]),
             "checkpoints": table_metadata(table[["step", "epoch", "sha256", "path"]]),
-            "final_checkpoint": dg.MetadataValue.path(str(final)),
-            "output_dir": dg.MetadataValue.path(str(output_dir)),
+            "final_checkpoint": dg.MetadataValue.path(table["path"].iloc[-1]),
+            "output_dir": dg.MetadataValue.path(stage.files.relative(output_dir)),
         }
     )

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from lora_factory.captioning.captions import tag_frequency
-from lora_factory.storage import atomic_write_bytes, atomic_write_text, sha256_bytes
+from lora_factory.storage import atomic_output, atomic_write_bytes, atomic_write_text, sha256_bytes
 
 _EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -123,7 +121,8 @@ def kohya_dataset_config(
     """Write sd-scripts' `--dataset_config` TOML for the folders of `write_kohya_folder`.
 
     `bucket_settings` is `KohyaBuckets.settings()`: with the same settings sd-scripts
-    puts every exported image (already at its bucket size) into that very bucket.
+    puts every exported image (already at its bucket size) into that very bucket. A
+    relative `train_dir` (relative to the config's folder) keeps the folder movable.
     """
     general = {
         "caption_extension": ".txt",
@@ -131,6 +130,8 @@ def kohya_dataset_config(
         "keep_tokens": keep_tokens,
     }
     lines = ["[general]", *_toml_pairs(general), "", "[[datasets]]"]
+    if not Path(train_dir).is_absolute():
+        lines.insert(0, "# image_dir is relative to this file's folder: run sd-scripts from there\n")
     lines += _toml_pairs({**bucket_settings, "batch_size": batch_size})
     for count in sorted(set(repeats)):
         folder = Path(train_dir) / f"{count}_{name}"
@@ -177,21 +178,13 @@ def write_dataset_package(path: Path, rows: Iterable[ExportRow], meta: Mapping[s
     stems = [row.stem for row in ordered]
     if len(set(stems)) != len(stems):
         raise ValueError("two package rows have the same stem")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w") as archive:
-            for row in ordered:
-                data, extension = _image_bytes_and_extension(row.image)
-                _add_entry(archive, f"{row.stem}{extension}", data)
-                _add_entry(archive, f"{row.stem}.txt", (row.caption.strip() + "\n").encode("utf-8"))
-            meta_text = json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-            _add_entry(archive, "meta.json", meta_text.encode("utf-8"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for row in ordered:
+            data, extension = _image_bytes_and_extension(row.image)
+            _add_entry(archive, f"{row.stem}{extension}", data)
+            _add_entry(archive, f"{row.stem}.txt", (row.caption.strip() + "\n").encode("utf-8"))
+        meta_text = json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        _add_entry(archive, "meta.json", meta_text.encode("utf-8"))
     return path
 
 

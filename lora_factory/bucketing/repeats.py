@@ -7,7 +7,7 @@ the face at the expense of the rest. The rule:
 - a *unit* is one (outfit cluster, crop kind); every unit should contribute the same
   number of samples per epoch, times its kind's weight (head crops 0.5: every person
   already gives one, and too many close-ups make the LoRA draw faces too large);
-- inside a unit, images of better quality tiers are seen more (seed 002's practice:
+- inside a unit, images of better quality tiers are seen more (the manual practice of
   4 / 8 / 16 repeats for low / medium / high quality -> multipliers 0.5 / 1 / 2). The
   tier comes from the aesthetic score (0 worst .. 1 masterpiece): below 0.25 (the
   expected label is under "normal") low, from 0.75 (over "great") high, else medium;
@@ -42,7 +42,7 @@ REPEAT_RULE = (
     "Groups = (outfit cluster, crop kind, quality tier). Every (cluster, kind) unit gets "
     "the same samples per epoch times its kind's weight (head crops {head}); inside a "
     "unit, quality tiers (aesthetic score < {cut_low} low, >= {cut_high} high) are "
-    "repeated in the ratio low:medium:high = {low}:{medium}:{high} (seed 002: 4/8/16). "
+    "repeated in the ratio low:medium:high = {low}:{medium}:{high} (hand-made datasets: 4/8/16). "
     "Repeats are scaled so the least repeated group has 1, rounded, capped at {cap}."
 )
 

@@ -10,7 +10,7 @@ The practice the factory follows (seeds 002 and 003, and CyberHarem's):
 3. the trigger word comes first (train with keep_tokens=1 so shuffling never moves it);
 4. crops are clustered by outfit; each cluster gets its frequent outfit tags.
 
-Styles (seed 003) decide what the trigger word absorbs:
+Styles decide what the trigger word absorbs:
 - `fluid`: nothing is pruned; the trigger is added (the core tags follow it), so every
   feature stays promptable but the character needs them in the prompt;
 - `semi-static` (default): the core tags are pruned: the trigger alone draws the
@@ -19,8 +19,8 @@ Styles (seed 003) decide what the trigger word absorbs:
   footwear excepted) are pruned from that outfit's crops: the trigger draws the
   character in that outfit; other outfits keep their words.
 
-Outfit triggers (`outfit_triggers`, seed 003's sub-concepts): a cluster of at least
-`outfit_trigger_min_images` pictures (8: seed 003's minimum) whose garments are its own
+Outfit triggers (`outfit_triggers`, sub-concepts of the character): a cluster of at least
+`outfit_trigger_min_images` pictures (8: the usual minimum for a concept) whose garments are its own
 gets a trigger named after them (`navy_jacket_beige_skirt`), written after the
 character's in its body crops; in the pruning styles its garments are folded into it.
 Garments that several clusters share are never folded: neither trigger would own them.
@@ -80,7 +80,7 @@ class CaptionConfig:
     max_clusters: int = 4
     cluster_tag_share: float = 0.5  # a tag describes a cluster when this share of it has it
     outfit_triggers: bool = False
-    outfit_trigger_min_images: int = 8  # distinct pictures of the outfit (seed 003: 8)
+    outfit_trigger_min_images: int = 8  # distinct pictures of the outfit (8: the usual minimum for a concept)
     outfit_trigger_max_tags: int = 4  # garments named in an outfit trigger
 
     def __post_init__(self) -> None:
@@ -241,7 +241,7 @@ def fold_outfits(clusters: pd.DataFrame, config: CaptionConfig) -> pd.DataFrame:
     triggers: dict[int, str] = {cluster: "" for cluster in own}
     if config.style == "static" and own:
         folded[0] = own[0]
-    # One outfit alone: its trigger would learn what the character's learns (seed 003).
+    # One outfit alone: its trigger would learn what the character's learns.
     if config.outfit_triggers and len(clusters) >= 2:
         for row in clusters.itertuples():
             cluster = int(row.cluster)

@@ -10,7 +10,7 @@
   never a feature: it is not identity, and pruning it would bake it into the trigger.
   Species tags (`horse_girl`) are features unless the caption options say otherwise.
 - garments: clothing and worn accessories, what an outfit trigger may absorb; footwear
-  never is (seed 003: shoes in an outfit trigger push every picture to full body).
+  never is (shoes in an outfit trigger push every picture to full body).
 
 Tags are handled in booru form (`white_shirt`, `manhattan_cafe_(umamusume)`);
 `escape_for_prompt` produces the prompt form (`manhattan cafe \\(umamusume\\)`).
@@ -127,7 +127,7 @@ _GARMENT_WORDS: frozenset[str] = frozenset(
     gauntlets bikini swimsuit leotard bodysuit camisole top bra corset bustier tunic
     robe gown jersey epaulettes neckerchief sailor tabard harness cutout lingerie""".split()
 )
-# Cut and exposure words: written last in an outfit trigger (seed 003's advice), as
+# Cut and exposure words: written last in an outfit trigger (the usual advice), as
 # they modify the outfit rather than name a piece of it.
 OUTFIT_MODIFIERS: frozenset[str] = frozenset(
     """sleeveless strapless halterneck highleg detached_sleeves off-shoulder_dress

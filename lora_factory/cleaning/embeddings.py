@@ -5,12 +5,19 @@ same fan art posted under two character tags, or a crop of character A that slip
 into character B's dataset, shows up as a near-identical vector filed under another
 character. Queries are batched (one LanceDB call for many vectors): one-at-a-time
 brute-force queries cost ~0.4 s each at 100k rows.
+
+Several processes (one per character being cleaned) write the table at once: writers
+take an advisory lock on a file in the store folder, and each character's rows are
+replaced in one LanceDB commit, so readers never see them half replaced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import fcntl
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lancedb
@@ -18,7 +25,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from lora_factory.provenance import frame_hash
+
 TABLE_NAME = "crop_identity"
+LOCK_NAME = "crop_identity.lock"
+_DIGEST_COLUMNS = ["crop_sha256", "kind"]
 DEFAULT_DIMENSION = 768
 # Cosine distance between identity vectors of the same crop re-encoded is ~0; crops of
 # the same drawing at other sizes stay well under 0.02.
@@ -51,23 +62,44 @@ def _quoted(value: str) -> str:
 
 
 class EmbeddingStore:
-    """The `crop_identity` table: crop_sha256, character, kind, vector (float32)."""
+    """The `crop_identity` table: crop_sha256, character, kind, vector (float32).
+
+    `created` is True when opening found no table and made an empty one: a new folder,
+    or one that was deleted, and then every vector stored there before is gone.
+    """
 
     def __init__(self, path: Path, dimension: int = DEFAULT_DIMENSION):
         self.path = Path(path)
         self.dimension = dimension
         self.path.mkdir(parents=True, exist_ok=True)
-        self._db = lancedb.connect(self.path)
-        if TABLE_NAME in self._db.list_tables().tables:
-            self._table = self._db.open_table(TABLE_NAME)
-            stored = self._table.schema.field("vector").type.list_size
-            if stored != dimension:
-                raise ValueError(
-                    f"{self.path}/{TABLE_NAME} holds {stored}-d vectors, not {dimension}-d: "
-                    "use the identity model that filled it, or a new embeddings folder"
-                )
-        else:
-            self._table = self._db.create_table(TABLE_NAME, schema=_schema(dimension))
+        # Every read and merge starts from the latest commit of any process: a handle
+        # opened at the start of a long run must see what other runs stored meanwhile,
+        # and a merge planned on an older version re-inserts crops another run just added.
+        self._db = lancedb.connect(self.path, read_consistency_interval=timedelta(0))
+        with self._write_lock():  # or two processes opening a new folder both create it
+            self.created = TABLE_NAME not in self._db.list_tables().tables
+            if self.created:
+                self._table = self._db.create_table(TABLE_NAME, schema=_schema(dimension))
+            else:
+                self._table = self._db.open_table(TABLE_NAME)
+        stored = self._table.schema.field("vector").type.list_size
+        if stored != dimension:
+            raise ValueError(
+                f"{self.path}/{TABLE_NAME} holds {stored}-d vectors, not {dimension}-d: "
+                "use the identity model that filled it, or a new embeddings folder"
+            )
+
+    @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """Serialise writers of this store folder, across processes and threads.
+
+        LanceDB retries a commit that conflicts with another, but two merges that both
+        insert the same new crops do not conflict: both commit and every row is doubled.
+        flock belongs to the open file, so each call opens its own; closing releases it.
+        """
+        with open(self.path / LOCK_NAME, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def count(self, character: str | None = None) -> int:
         if character is None:
@@ -78,38 +110,63 @@ class EmbeddingStore:
         """Make `rows` (crop_sha256, kind, vector) the character's only rows; returns count.
 
         Re-running a character replaces what an earlier run stored, so the table never
-        holds crops that a later cleaning dropped.
+        holds crops that a later cleaning dropped. The replacement is one commit: a
+        reader sees the old rows or the new ones, and concurrent replacements of the same
+        character leave the rows of one of them.
         """
         missing = {"crop_sha256", "kind", "vector"} - set(rows.columns)
         if missing:
             raise ValueError(f"rows need columns crop_sha256, kind, vector; missing {sorted(missing)}")
+        crops = rows["crop_sha256"].astype(str)
+        if crops.duplicated().any():
+            raise ValueError(f"rows repeat crops: {sorted(set(crops[crops.duplicated()]))[:5]}")
         vectors = self._vectors(list(rows["vector"]))
-        self._table.delete(f"character = {_quoted(character)}")
-        if len(rows):
-            table = pa.table(
-                {
-                    "crop_sha256": pa.array(rows["crop_sha256"].astype(str).tolist()),
-                    "character": pa.array([character] * len(rows)),
-                    "kind": pa.array(rows["kind"].astype(str).tolist()),
-                    "vector": pa.FixedSizeListArray.from_arrays(
-                        pa.array(vectors.ravel()), self.dimension
-                    ),
-                },
-                schema=_schema(self.dimension),
+        new = pa.table(
+            {
+                "crop_sha256": pa.array(crops.tolist(), pa.string()),
+                "character": pa.array([character] * len(rows), pa.string()),
+                "kind": pa.array(rows["kind"].astype(str).tolist(), pa.string()),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), self.dimension),
+            },
+            schema=_schema(self.dimension),
+        )
+        own = f"character = {_quoted(character)}"
+        with self._write_lock():
+            if self._stored(character, ["crop_sha256"])["crop_sha256"].duplicated().any():
+                # Copies left by writers that raced without this lock: a merge updates
+                # every copy of a crop, so they go first (two commits, only this once).
+                self._table.delete(own)
+            (
+                self._table.merge_insert(["character", "crop_sha256"])
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete(own)
+                .execute(new)
             )
-            self._table.add(table)
         return len(rows)
+
+    def character_digest(self, character: str) -> str:
+        """Order-independent hash of the character's stored (crop_sha256, kind) rows.
+
+        Equal to `provenance.frame_hash(crops, ["crop_sha256", "kind"])` of the crops
+        whose vectors were stored, so a caller can check that the store still holds
+        exactly those vectors, once each (a deleted folder or a lost write shows up).
+        """
+        return frame_hash(self._stored(character, _DIGEST_COLUMNS), _DIGEST_COLUMNS)
 
     def vectors_of(self, character: str) -> pd.DataFrame:
         """The character's rows: crop_sha256, kind, vector (np.ndarray per row)."""
-        frame = (
+        frame = self._stored(character, ["crop_sha256", "kind", "vector"])
+        return frame.sort_values("crop_sha256", ignore_index=True)
+
+    def _stored(self, character: str, columns: list[str]) -> pd.DataFrame:
+        return (
             self._table.search()
             .where(f"character = {_quoted(character)}")
-            .select(["crop_sha256", "kind", "vector"])
+            .select(columns)
             .limit(None)
             .to_pandas()
         )
-        return frame.sort_values("crop_sha256", ignore_index=True)
 
     def search(
         self, vectors: np.ndarray | Sequence[Sequence[float]], k: int = 5, where: str | None = None

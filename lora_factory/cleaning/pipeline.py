@@ -1,6 +1,6 @@
 """The cleaning chain for one character: scraped posts -> identity-checked 3-stage crops.
 
-Order (CyberHarem's, DESIGN §4): decode (cap the area, RGB on white; quarantine what
+Order (CyberHarem's): decode (cap the area, RGB on white; quarantine what
 cannot be decoded) -> drop pictures below `min_side` -> drop monochrome -> keep
 illustration/anime-screencap classes -> optional rating filter -> exact and
 near-duplicate removal -> split per person -> minimum person size -> exactly one face
@@ -46,7 +46,7 @@ from lora_factory.cleaning.identity_filter import (
     agreement_with_anchor,
     dominant_identity_cluster,
 )
-from lora_factory.storage import BlobStore
+from lora_factory.storage import BlobStore, DamagedFileError
 
 if TYPE_CHECKING:  # ONNX Runtime and LanceDB are slow to import: only the types are needed
     from lora_factory.cleaning.embeddings import EmbeddingStore
@@ -268,10 +268,12 @@ def _decode_batch(
             ledger.drop(post, "dedup", "exact_duplicate", "same file as an earlier post")
             continue
         seen.add(sha)
-        if not blobs.has(sha):
-            ledger.quarantined(post, "missing_blob", f"no blob {sha} in the store: re-run the scrape")
+        try:
+            data = blobs.get(sha)
+        except DamagedFileError as error:
+            ledger.quarantined(post, "missing_blob", f"{error} (the next scrape downloads it again)")
             continue
-        result = decode_image(blobs.get(sha), max_pixels=config.max_pixels, max_area=config.max_area)
+        result = decode_image(data, max_pixels=config.max_pixels, max_area=config.max_area)
         if not isinstance(result, DecodedImage):
             ledger.quarantined(post, result.reason, result.detail)
         elif min(result.size) < config.min_side:

@@ -8,11 +8,16 @@ else. Run it again and every stage whose inputs did not change is reused, not re
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+
+import dagster as dg
+
+from lora_factory.run_health import fail_dead_runs, in_process_run_args
 
 EMBEDDED_INSTANCE = Path(__file__).resolve().parents[1] / "embedded_instance.yaml"
 PARTITIONED_ASSETS = (
@@ -28,15 +33,40 @@ PARTITIONED_ASSETS = (
 
 
 def prepare_home(home: Path) -> Path:
-    """Point LF_HOME and DAGSTER_HOME at the factory's home; write the embedded instance."""
+    """Point LF_HOME and DAGSTER_HOME at the factory's home; create the embedded instance."""
     home.mkdir(parents=True, exist_ok=True)
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(exist_ok=True)
-    if not (dagster_home / "dagster.yaml").exists():
-        shutil.copy(EMBEDDED_INSTANCE, dagster_home / "dagster.yaml")
     os.environ["LF_HOME"] = str(home)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
+    # Two first runs at once would both create the SQLite tables, and one would crash
+    # ("table runs already exists"): the first creates them under this lock, the others
+    # wait and then open what it made.
+    with open(home / ".dagster_home.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dagster_home / "dagster.yaml").exists():
+            shutil.copy(EMBEDDED_INSTANCE, dagster_home / "dagster.yaml")
+        dg.DagsterInstance.get().dispose()
     return dagster_home
+
+
+def failure_message(result) -> str:
+    """What a failed run's first failed step says to do: a `dagster.Failure`'s description,
+    else the innermost cause of the error (not Dagster's "Error occurred while executing")."""
+    failure = next((e for e in result.all_events if e.event_type_value == "STEP_FAILURE"), None)
+    if failure is None:
+        return "run failed"
+    data = failure.step_failure_data
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        message = data.user_failure_data.description
+    elif data.error is not None:
+        error = data.error
+        while error.cause is not None:
+            error = error.cause
+        message = error.message
+    else:
+        message = "step failed"
+    return f"{failure.step_key}: {message.strip()}"
 
 
 def _state(materialization) -> str:
@@ -55,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     dagster_home = prepare_home(home)
 
     # Imported after the environment is set: the definitions read LF_HOME.
-    import dagster as dg
-
     from lora_factory.definitions import defs
     from lora_factory.partitions import characters_partitions
 
     started = time.monotonic()
     with dg.DagsterInstance.get() as instance:
+        # An earlier demo killed mid-run left its run STARTED, holding the `gpu` pool.
+        for run_id in fail_dead_runs(instance):
+            print(f"marked run {run_id} failed: its worker process died", file=sys.stderr)
         rows = defs.resources["character_index"].enabled_rows()
         keys = [row.key for row in rows if not args.character or row.key in args.character]
         missing = set(args.character or []) - set(keys)
@@ -73,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
         index_job = defs.resolve_implicit_global_asset_job_def()
         index_result = index_job.execute_in_process(
-            instance=instance, asset_selection=[dg.AssetKey("character_index")]
+            instance=instance,
+            asset_selection=[dg.AssetKey("character_index")],
+            **in_process_run_args(),
         )
         if not index_result.success:
             return 1
@@ -82,13 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         summary: list[tuple[str, str, str]] = []
         for key in keys:
             print(f"\n=== {key} ===", flush=True)
-            result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+            result = job.execute_in_process(
+                partition_key=key, instance=instance, raise_on_error=False, **in_process_run_args()
+            )
             if not result.success:
-                failure = next(
-                    (e for e in result.all_events if e.event_type_value == "STEP_FAILURE"), None
-                )
-                message = failure.step_failure_data.error.message if failure else "run failed"
-                print(f"FAILED {key}: {message.strip()}", file=sys.stderr)
+                print(f"FAILED {key}: {failure_message(result)}", file=sys.stderr)
                 return 1
             for event in result.get_asset_materialization_events():
                 materialization = event.event_specific_data.materialization

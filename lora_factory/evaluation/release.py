@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ import pandas as pd
 from lora_factory.evaluation.prompts import PreviewPrompt, tag_to_prompt_text
 from lora_factory.evaluation.selection import DEFAULT_BETA, selection_rule_text
 from lora_factory.index.character_index import CharacterRow
-from lora_factory.storage import atomic_write_bytes, sha256_file
+from lora_factory.storage import atomic_copy, atomic_write_bytes, sha256_file
 
 MODEL_CARD = "README.md"
 PREVIEWS_FILE = "previews.png"
@@ -239,17 +236,6 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 def _copy_if_changed(source: Path, target: Path) -> None:
-    """Copy `source` to `target` atomically, streaming (LoRA files can be hundreds of MB)."""
     if target.is_file() and target.stat().st_size == source.stat().st_size and sha256_file(target) == sha256_file(source):
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, length=1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_copy(source, target)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from lora_factory.storage import FactoryStore
+from lora_factory.storage import FactoryStore, cached_sha256
 
 TINY_BASE_MODEL = "tiny-sd15"
 
@@ -67,6 +67,18 @@ class BaseModelResource(dg.ConfigurableResource):
 
     source: str = TINY_BASE_MODEL
     clip_skip: int = 2
+
+    def identity(self, store: FactoryStore) -> dict:
+        """The base model's source and the sha256 of its files (cached by size and
+        modification time, so a reused run does not hash gigabytes again)."""
+        path = self.resolve(store)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        cache = store.root / "cache" / "file_sha256.json"
+        return {
+            "source": self.source,
+            "files": {p.relative_to(path).as_posix() if path.is_dir() else p.name: cached_sha256(p, cache)
+                      for p in files},
+        }
 
     def resolve(self, store: FactoryStore) -> Path:
         if self.source == TINY_BASE_MODEL:

@@ -6,26 +6,46 @@ the single manifest file that readers use, streaming one part (or one row group 
 manifest) at a time; a key written again later replaces all earlier rows of that key. Folding
 the same parts twice gives the same table, so a kill between writing the manifest and deleting
 the parts is harmless: the next run folds them again.
+
+Two processes may scrape the same character at once. Part names never collide (a stamp that
+orders them, then the pid and a random suffix), and an advisory lock on `<stem>.lock` makes
+appending a part and folding the parts exclusive, so a fold sees every part written before it
+and no part is deleted that it did not fold.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
-import tempfile
+import re
+import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lora_factory.storage import write_table
+from lora_factory.storage import atomic_output, write_table
 
 Key = tuple[str, ...]
+
+# "<stamp>-<pid>-<random>", or the plain number older versions used (they fold first).
+PART_NAME = re.compile(r"(\d+)(-\d+-[0-9a-f]+)?")
 
 
 def parts_dir(manifest_path: Path) -> Path:
     return manifest_path.with_name(manifest_path.stem + ".parts")
+
+
+def lock_path(manifest_path: Path) -> Path:
+    return manifest_path.with_name(manifest_path.stem + ".lock")
+
+
+def _stamp(part: Path) -> int:
+    return int(part.stem.split("-")[0])
 
 
 class ManifestParts:
@@ -37,18 +57,31 @@ class ManifestParts:
         self.key_columns = key_columns
         self.folder = parts_dir(self.manifest_path)
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive against every other holder of this manifest's lock, in any process."""
+        path = lock_path(self.manifest_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:  # closing the file releases the lock, even on a crash
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
     def append(self, rows: list[dict]) -> None:
         if not rows:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        numbers = [int(p.stem) for p in self.folder.glob("*.parquet") if p.stem.isdigit()]
-        path = self.folder / f"{max(numbers, default=0) + 1:08d}.parquet"
-        write_table(pa.Table.from_pylist(rows, schema=self.schema).to_pandas(), path, self.schema)
+        frame = pa.Table.from_pylist(rows, schema=self.schema).to_pandas()
+        with self.locked():
+            # Later than every part present, even when the clock did not tick or went back.
+            stamp = max(time.time_ns(), max(map(_stamp, self._parts()), default=0) + 1)
+            path = self.folder / f"{stamp:020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}.parquet"
+            write_table(frame, path, self.schema)
 
     def _parts(self) -> list[Path]:
+        """The parts in the order they were written."""
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.glob("*.parquet") if p.stem.isdigit())
+        parts = [p for p in self.folder.glob("*.parquet") if PART_NAME.fullmatch(p.stem)]
+        return sorted(parts, key=lambda p: (_stamp(p), p.name))
 
     def _sources(self) -> list[Path]:
         return ([self.manifest_path] if self.manifest_path.is_file() else []) + self._parts()
@@ -63,6 +96,10 @@ class ManifestParts:
 
     def compact(self) -> None:
         """Fold every part into the manifest file, then delete the parts."""
+        with self.locked():
+            self._compact()
+
+    def _compact(self) -> None:
         parts = self._parts()
         if not parts:
             return
@@ -72,21 +109,15 @@ class ManifestParts:
             for table in self._batches(path, self.key_columns):
                 for key in self._keys(table):
                     latest[key] = number
-        fd, tmp = tempfile.mkstemp(dir=self.manifest_path.parent, prefix=f".{self.manifest_path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with pq.ParquetWriter(tmp, self.schema) as writer:
-                for number, path in enumerate(sources):
-                    for table in self._batches(path):
-                        keep = [latest[key] == number for key in self._keys(table)]
-                        writer.write_table(table.filter(pa.array(keep, pa.bool_())))
-            os.replace(tmp, self.manifest_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(self.manifest_path) as tmp, pq.ParquetWriter(tmp, self.schema) as writer:
+            for number, path in enumerate(sources):
+                for table in self._batches(path):
+                    keep = [latest[key] == number for key in self._keys(table)]
+                    writer.write_table(table.filter(pa.array(keep, pa.bool_())))
         for path in parts:
             path.unlink()
-        self.folder.rmdir()
+        with suppress(OSError):  # not empty: a temp file a killed writer left behind
+            self.folder.rmdir()
 
     def iter_batches(self, columns: list[str]) -> Iterator[pa.Table]:
         """The manifest's `columns`, one row group at a time (call `compact` first)."""

@@ -4,12 +4,17 @@ The manifest is a Parquet table with one row per (site, post_id, candidate_tag).
 of rows is written (atomically) as its own part and the parts are folded into the one
 manifest file at the end of the run (or at the start of the next, after a kill), so a killed
 run loses at most one page of rows and memory stays flat in the number of posts. A re-run
-reads the manifest first and downloads only what it does not already hold. The same
-picture found on two sites (or twice on one) is stored once: blobs are named by content,
-and a file whose original md5 is already held is not downloaded again.
+reads the manifest first and downloads only what it does not already hold intact: every
+stored file is checked against its sha256, and a damaged or missing one is downloaded again.
+The same picture found on two sites (or twice on one) is stored once: blobs are named by
+content, and a file whose original md5 is already held is not downloaded again.
 
 A re-run also lists less: once a walk over a (site, tag) has finished, the next run stops
 at the first page whose posts are all stored, unless older failures still wait for a retry.
+
+Sites fail independently: a site whose tag search, listing or downloads fail is recorded in
+`ScrapeResult.site_errors` and the others go on; a scrape fails only when no site produced
+a single post.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -68,14 +73,17 @@ KEY_COLUMNS = ["site", "post_id", "candidate_tag"]
 HELD_COLUMNS = ["site", "post_id", "candidate_tag", "md5", "sha256", "downloaded_at", "variant"]
 
 PER_TAG_COLUMNS = [
-    "site", "candidate_tag", "posts", "new_posts", "reused_posts", "downloaded_bytes", "failed",
+    "site", "candidate_tag", "posts", "new_posts", "repaired", "reused_posts", "downloaded_bytes", "failed",
     "hidden_skipped", "animated_skipped", "oversize_skipped", "pages", "stop_reason", "listing_error",
 ]
 COUNT_COLUMNS = [
-    "posts", "new_posts", "reused_posts", "downloaded_bytes", "failed",
+    "posts", "new_posts", "repaired", "reused_posts", "downloaded_bytes", "failed",
     "hidden_skipped", "animated_skipped", "oversize_skipped", "pages",
 ]
 CAUGHT_UP = "caught up: a whole page was already stored"
+
+# The phases of a site's scrape that fail as a whole (SiteFailure.phase).
+TAG_SEARCH, LISTING, DOWNLOADS = "tag search", "listing", "downloads"
 
 
 @dataclass(frozen=True, slots=True)  # one per stored post: kept small
@@ -91,6 +99,7 @@ class HeldFile:
 class ScrapeCounts:
     posts: int = 0  # downloadable posts listed
     new_posts: int = 0  # downloaded in this run
+    repaired: int = 0  # of new_posts: stored before, but the stored file was damaged or missing
     reused_posts: int = 0  # already held (same site+post id, or same original md5 on any site)
     downloaded_bytes: int = 0
     failed: int = 0  # downloads that failed or were refused (see the manifest's error column)
@@ -103,12 +112,26 @@ class ScrapeCounts:
             setattr(self, name, getattr(self, name) + value)
 
 
+@dataclass(frozen=True)
+class SiteFailure:
+    """One phase of one site that failed; the scrape went on without it."""
+
+    site: str
+    phase: str  # TAG_SEARCH, LISTING or DOWNLOADS
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.site} ({self.phase}): {self.message}"
+
+
 @dataclass
 class ScrapeResult:
     manifest_path: Path
     counts: ScrapeCounts
     per_tag: pd.DataFrame  # PER_TAG_COLUMNS, one row per (site, candidate_tag)
-    listing_errors: list[str] = field(default_factory=list)
+    site_errors: list[SiteFailure] = field(default_factory=list)
+    # (site, tag, post_count, category) found by `find_and_scrape`; empty from `scrape_character`
+    candidates: pd.DataFrame = field(default_factory=lambda: candidates_frame({}))
     manifest_stamp: tuple[int, int, int] | None = None  # the file this run wrote; see `manifest`
 
     @cached_property
@@ -145,9 +168,65 @@ class _TagWalk:
     may_stop_early: bool
 
 
+@dataclass
+class _Held:
+    """What earlier runs stored, as far as dedup and resuming need it (not the rows themselves)."""
+
+    posts_by_tag: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    by_post: dict[tuple[str, str], dict[str, HeldFile]] = field(default_factory=dict)
+    by_md5: dict[str, HeldFile] = field(default_factory=dict)
+    lost: set[tuple[str, str]] = field(default_factory=set)  # stored once, but the file is damaged or gone
+
+
 def walks_path(manifest_path: Path) -> Path:
     """Where the per-(site, tag) walk states live, next to the manifest."""
     return manifest_path.with_name(manifest_path.stem + ".walks.json")
+
+
+def candidates_path(manifest_path: Path) -> Path:
+    """Where `find_and_scrape` writes the candidate tags table, next to the manifest."""
+    return manifest_path.with_name(manifest_path.stem + ".candidates.parquet")
+
+
+def find_and_scrape(
+    character_key: str,
+    names: Sequence[str],
+    clients: dict[str, SiteClient],
+    blobs: BlobStore,
+    manifest_path: Path,
+    franchise: str | None = None,
+    site_tags: Mapping[str, str] | None = None,
+    max_posts_per_tag: int = 200,
+    log: Callable[[str], None] = print,
+) -> ScrapeResult:
+    """Search every site for the character's tags (`candidate_tags`), then scrape them all.
+
+    `site_tags` forces a tag per site (the index's override). A site whose tag search
+    fails is skipped and recorded in `site_errors`, like one whose listing or downloads
+    fail in `scrape_character`. The candidates table is in the result and is written to
+    `candidates_path(manifest_path)`. Raises RuntimeError, saying what happened on each
+    site, when no site produced a post.
+    """
+    site_tags = site_tags or {}
+    tags_by_site: dict[str, list[SiteTag]] = {}
+    search_errors: list[SiteFailure] = []
+    for site, client in clients.items():
+        forced = [site_tags[site]] if site in site_tags else []
+        try:
+            tags_by_site[site] = candidate_tags(names, client, forced_tags=forced, franchise=franchise)
+        except SiteError as exc:
+            search_errors.append(SiteFailure(site, TAG_SEARCH, f"{exc.reason} [{exc.url}]"))
+            log(f"{character_key}: skipping {search_errors[-1]}")
+    candidates = candidates_frame(tags_by_site)
+    log(f"{character_key}: candidate tags {candidates[['site', 'tag']].values.tolist()}")
+    result = _scrape(
+        character_key, {site: [tag.name for tag in tags] for site, tags in tags_by_site.items()},
+        clients, blobs, Path(manifest_path), max_posts_per_tag, log,
+    )
+    result = replace(result, candidates=candidates, site_errors=search_errors + result.site_errors)
+    _require_posts(character_key, clients, result)
+    write_table(candidates, candidates_path(result.manifest_path))
+    return result
 
 
 def scrape_character(
@@ -162,42 +241,39 @@ def scrape_character(
     """Download up to `max_posts_per_tag` posts for every candidate tag on every site.
 
     A failed or refused download is kept as a manifest row with its reason (and retried
-    by the next run); a site that cannot be listed is reported in `listing_errors` and
-    the other sites go on. Raises RuntimeError when every listing failed before
-    yielding a single post.
+    by the next run). A site that cannot be listed, or whose every download failed, is
+    recorded in `site_errors` and the other sites go on. Raises RuntimeError, naming each
+    site's error, when no site produced a post.
     """
+    result = _scrape(character_key, candidate_tags_by_site, clients, blobs, Path(manifest_path),
+                     max_posts_per_tag, log)
+    _require_posts(character_key, candidate_tags_by_site, result)
+    return result
+
+
+def _scrape(
+    character_key: str,
+    candidate_tags_by_site: dict[str, list[str]],
+    clients: dict[str, SiteClient],
+    blobs: BlobStore,
+    manifest_path: Path,
+    max_posts_per_tag: int,
+    log: Callable[[str], None],
+) -> ScrapeResult:
     unknown = sorted(set(candidate_tags_by_site) - set(clients))
     if unknown:
         raise ValueError(f"{character_key}: no client configured for site(s) {unknown}; configured: {sorted(clients)}")
-    manifest_path = Path(manifest_path)
     parts = ManifestParts(manifest_path, MANIFEST_SCHEMA, KEY_COLUMNS)
     parts.compact()  # pages a killed run left behind
-    walks_file = walks_path(manifest_path)
-    walks: dict[str, dict[str, Any]] = _load_walks(walks_file)
-    # Only what dedup and resuming need stays in memory, not the rows themselves.
-    posts_by_tag: dict[tuple[str, str], set[str]] = {}
-    held_by_post: dict[tuple[str, str], dict[str, HeldFile]] = {}
-    held_by_md5: dict[str, HeldFile] = {}
-    for table in parts.iter_batches(HELD_COLUMNS):
-        for row in table.to_pylist():
-            posts_by_tag.setdefault((row["site"], row["candidate_tag"]), set()).add(row["post_id"])
-            if row["sha256"] and blobs.has(row["sha256"]):
-                held = HeldFile(row["sha256"], row["downloaded_at"], row["variant"])
-                held_by_post.setdefault((row["site"], row["post_id"]), {})[row["variant"]] = held
-                if row["variant"] == ORIGINAL and row["md5"]:
-                    held_by_md5[row["md5"]] = held
-
+    held = _load_held(parts, blobs)
+    if held.lost:
+        log(f"{character_key}: {len(held.lost)} stored posts have a damaged or missing file: downloading them again")
     try:
-        totals, per_tag, listing_errors = _scrape_tags(
-            character_key, candidate_tags_by_site, clients, blobs, parts, walks, walks_file,
-            posts_by_tag, held_by_post, held_by_md5, max_posts_per_tag, log,
+        totals, per_tag, site_errors = _scrape_sites(
+            character_key, candidate_tags_by_site, clients, blobs, parts, held, max_posts_per_tag, log,
         )
     finally:
         parts.compact()  # also after an interrupt, so the manifest holds every finished page
-    if per_tag and len(listing_errors) == len(per_tag) and totals.posts == 0:
-        raise RuntimeError(
-            f"{character_key}: no site could be listed, nothing scraped:\n" + "\n".join(listing_errors)
-        )
     if not manifest_path.is_file():
         write_table(pa.Table.from_pylist([], schema=MANIFEST_SCHEMA).to_pandas(), manifest_path, MANIFEST_SCHEMA)
     return ScrapeResult(
@@ -205,32 +281,77 @@ def scrape_character(
         manifest_stamp=_file_stamp(manifest_path),
         counts=totals,
         per_tag=pd.DataFrame(per_tag, columns=PER_TAG_COLUMNS),
-        listing_errors=listing_errors,
+        site_errors=site_errors,
     )
 
 
-def _scrape_tags(
+def _load_held(parts: ManifestParts, blobs: BlobStore) -> _Held:
+    """What the manifest says is stored, each blob checked once against its sha256: a post
+    counts as held only when every one of its files is intact."""
+    held = _Held()
+    intact: dict[str, bool] = {}
+    for table in parts.iter_batches(HELD_COLUMNS):
+        for row in table.to_pylist():
+            post = (row["site"], row["post_id"])
+            held.posts_by_tag.setdefault((row["site"], row["candidate_tag"]), set()).add(row["post_id"])
+            sha = row["sha256"]
+            if not sha:
+                continue  # a failed download: retried as such, not a repair
+            if sha not in intact:
+                intact[sha] = blobs.verify(sha)  # a damaged blob is set aside
+            if not intact[sha]:
+                held.lost.add(post)
+                continue
+            file = HeldFile(sha, row["downloaded_at"], row["variant"])
+            held.by_post.setdefault(post, {})[row["variant"]] = file
+            if row["variant"] == ORIGINAL and row["md5"]:
+                held.by_md5[row["md5"]] = file
+    for post in held.lost:
+        held.by_post.pop(post, None)  # one lost frame of an animation downloads the whole post again
+    return held
+
+
+def _require_posts(character_key: str, sites: Iterable[str], result: ScrapeResult) -> None:
+    """Raise, saying what happened on each site, when no site produced a single post."""
+    if result.counts.new_posts or result.counts.reused_posts:
+        return
+    lines = [str(failure) for failure in result.site_errors]
+    failed = {failure.site for failure in result.site_errors}
+    scraped = set(result.per_tag["site"])
+    untagged = []
+    for site in sites:
+        if site in scraped - failed:
+            lines.append(f"{site}: no downloadable post under its candidate tags")
+        elif site not in failed:
+            untagged.append(site)
+            lines.append(f"{site}: no character tag for any of the names")
+    hint = "\nAdd aliases to the index row, or force a tag with site_tags: {<site>: <tag>}." if untagged else ""
+    lines = lines or ["no site was given"]
+    raise RuntimeError(f"{character_key}: no site produced a post:\n" + "\n".join(f"- {line}" for line in lines) + hint)
+
+
+def _scrape_sites(
     character_key: str,
     candidate_tags_by_site: dict[str, list[str]],
     clients: dict[str, SiteClient],
     blobs: BlobStore,
     parts: ManifestParts,
-    walks: dict[str, dict[str, Any]],
-    walks_file: Path,
-    posts_by_tag: dict[tuple[str, str], set[str]],
-    held_by_post: dict[tuple[str, str], dict[str, HeldFile]],
-    held_by_md5: dict[str, HeldFile],
+    held: _Held,
     max_posts_per_tag: int,
     log: Callable[[str], None],
-) -> tuple[ScrapeCounts, list[dict[str, Any]], list[str]]:
+) -> tuple[ScrapeCounts, list[dict[str, Any]], list[SiteFailure]]:
+    walks_file = walks_path(parts.manifest_path)
+    walks = _load_walks(walks_file)
     totals = ScrapeCounts()
     per_tag: list[dict[str, Any]] = []
-    listing_errors: list[str] = []
+    site_errors: list[SiteFailure] = []
     for site, tags in candidate_tags_by_site.items():
         client = clients[site]
+        site_counts = ScrapeCounts()
+        first_download_error = None
         for tag in dict.fromkeys(tags):  # de-duplicated, order kept
             walk_key = f"{site}\t{tag}"
-            walk = _tag_walk(posts_by_tag.get((site, tag), set()), site, held_by_post, walks.get(walk_key),
+            walk = _tag_walk(held.posts_by_tag.get((site, tag), set()), site, held.by_post, walks.get(walk_key),
                              max_posts_per_tag, getattr(client, "lists_newest_first", False))
             counts, stats = ScrapeCounts(), PagingStats()
             listing_error = None
@@ -240,36 +361,43 @@ def _scrape_tags(
                     page_rows = []
                     for post in page:
                         walk.failed.discard(post.post_id)  # retried now, whatever comes of it
-                        page_rows.extend(_rows_for_post(post, tag, client, blobs, held_by_post, held_by_md5, counts))
+                        page_rows.extend(_rows_for_post(post, tag, client, blobs, held, counts))
                     parts.append(page_rows)
+                    if first_download_error is None:
+                        first_download_error = next((row["error"] for row in page_rows if row["error"]), None)
                     if walk.may_stop_early and not walk.failed and all(p.post_id in walk.stored for p in page):
                         caught_up = True
                         stats.stop_reason = CAUGHT_UP
                         break
             except SiteError as exc:
                 listing_error = str(exc)
-                listing_errors.append(listing_error)
+                site_errors.append(SiteFailure(site, LISTING, f"tag {tag}: {exc.reason} [{exc.url}]"))
                 log(f"{character_key}: listing {site} tag {tag} failed: {listing_error}")
             # Only a walk that ended properly lets the next run stop at its first stored page;
             # an interrupted one is walked again in full (downloading only what is missing).
             finished = listing_error is None and (caught_up or stats.exhausted or stats.stop_reason.startswith("reached"))
-            walks[walk_key] = {"finished": finished, "max_posts": max_posts_per_tag}
-            atomic_write_json(walks_file, walks)
+            _save_walk(parts, walks_file, walk_key, {"finished": finished, "max_posts": max_posts_per_tag})
             counts.hidden_skipped = stats.hidden_skipped
             counts.animated_skipped = stats.animated_skipped
             counts.oversize_skipped = stats.oversize_skipped
-            totals.add(counts)
+            site_counts.add(counts)
             per_tag.append(
                 {"site": site, "candidate_tag": tag, **asdict(counts), "pages": stats.pages,
                  "stop_reason": stats.stop_reason, "listing_error": listing_error}
             )
             log(
-                f"{character_key}: {site} {tag}: {counts.posts} posts ({counts.new_posts} new, "
-                f"{counts.reused_posts} reused, {counts.failed} failed, {counts.hidden_skipped} hidden, "
-                f"{counts.animated_skipped} animated skipped, {counts.oversize_skipped} over the pixel cap), "
-                f"{counts.downloaded_bytes} bytes downloaded in {stats.pages} pages; {stats.stop_reason}"
+                f"{character_key}: {site} {tag}: {counts.posts} posts ({counts.new_posts} new, of which "
+                f"{counts.repaired} replace a damaged or missing file, {counts.reused_posts} reused, "
+                f"{counts.failed} failed, {counts.hidden_skipped} hidden, {counts.animated_skipped} animated "
+                f"skipped, {counts.oversize_skipped} over the pixel cap), {counts.downloaded_bytes} bytes "
+                f"downloaded in {stats.pages} pages; {stats.stop_reason}"
             )
-    return totals, per_tag, listing_errors
+        if site_counts.failed and not (site_counts.new_posts or site_counts.reused_posts):
+            site_errors.append(SiteFailure(
+                site, DOWNLOADS, f"all {site_counts.failed} downloads failed; the first: {first_download_error}"))
+            log(f"{character_key}: {site_errors[-1]}")
+        totals.add(site_counts)
+    return totals, per_tag, site_errors
 
 
 def _tag_walk(
@@ -294,23 +422,23 @@ def _rows_for_post(
     tag: str,
     client: SiteClient,
     blobs: BlobStore,
-    held_by_post: dict[tuple[str, str], dict[str, HeldFile]],
-    held_by_md5: dict[str, HeldFile],
+    held: _Held,
     counts: ScrapeCounts,
 ) -> list[dict[str, Any]]:
     """The manifest rows for `post` (one, or one per animation frame kept), downloading its
     file only when no blob holds it yet."""
     counts.posts += 1
     row = _post_row(post, tag)
-    held = held_by_post.get((post.site, post.post_id))
-    if held is None and post.variant == ORIGINAL and post.md5 and post.md5 in held_by_md5:
-        the_same = held_by_md5[post.md5]  # the same original, found on another site or post
-        held = {the_same.variant: the_same}
-    if held is not None:
+    key = (post.site, post.post_id)
+    files = held.by_post.get(key)
+    if files is None and post.variant == ORIGINAL and post.md5 and post.md5 in held.by_md5:
+        the_same = held.by_md5[post.md5]  # the same original, found on another site or post
+        files = {the_same.variant: the_same}
+    if files is not None:
         counts.reused_posts += 1
-        held_by_post[(post.site, post.post_id)] = held
+        held.by_post[key] = files
         return [{**row, "sha256": h.sha256, "downloaded_at": h.downloaded_at, "variant": h.variant}
-                for h in held.values()]
+                for h in files.values()]
     try:
         fetched = client.fetch(post)
     except SiteError as exc:
@@ -318,14 +446,17 @@ def _rows_for_post(
         row["error"] = exc.reason
         return [row]
     now = datetime.now(timezone.utc)
-    held = {variant: HeldFile(blobs.put(data), now, variant) for variant, data in fetched.stored_files()}
-    held_by_post[(post.site, post.post_id)] = held
+    files = {variant: HeldFile(blobs.put(data), now, variant) for variant, data in fetched.stored_files()}
+    held.by_post[key] = files
     if fetched.variant == ORIGINAL and post.md5:
-        held_by_md5[post.md5] = held[ORIGINAL]
+        held.by_md5[post.md5] = files[ORIGINAL]
     counts.new_posts += 1
+    if key in held.lost:
+        held.lost.discard(key)
+        counts.repaired += 1
     counts.downloaded_bytes += sum(len(data) for _, data in fetched.stored_files())
     return [{**row, "sha256": h.sha256, "downloaded_at": h.downloaded_at, "variant": h.variant}
-            for h in held.values()]
+            for h in files.values()]
 
 
 def _post_row(post: SitePost, tag: str) -> dict[str, Any]:
@@ -347,6 +478,15 @@ def _load_walks(path: Path) -> dict[str, dict[str, Any]]:
     except ValueError:
         return {}  # unreadable: every tag is walked in full, which is always safe
     return walks if isinstance(walks, dict) else {}
+
+
+def _save_walk(parts: ManifestParts, path: Path, walk_key: str, state: dict[str, Any]) -> None:
+    """Record one walk's state; under the manifest's lock, so that a scrape running at the
+    same time keeps the walks it recorded."""
+    with parts.locked():
+        walks = _load_walks(path)
+        walks[walk_key] = state
+        atomic_write_json(path, walks)
 
 
 # -- candidate tags ---------------------------------------------------------------------

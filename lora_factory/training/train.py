@@ -3,8 +3,9 @@
 `train_lora` is reproducible and restartable:
 
 - the run is identified by a hash of everything that decides its result (resolved config,
-  base model weights, image bytes, captions, buckets, repeats, names and metadata); a
-  finished run with the same hash in `output_dir` is returned as it is, without training;
+  base model weights, image bytes, captions, buckets, repeats, names and metadata); whether
+  to train at all is the caller's decision (the `lora_checkpoints` asset reuses a verified
+  earlier result), this hash only decides whether a resume point belongs to this run;
 - every `save_every_n_steps` steps it writes `<output_name>-<step:06d>.safetensors` and a
   small Lightning checkpoint (adapters, optimizer, scheduler, loop and sampler position);
   a killed run with the same hash resumes from that checkpoint and produces the same
@@ -166,15 +167,6 @@ def _train_on(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     state_path = output_dir / STATE_DIR_NAME / STATE_FILE_NAME
 
-    if manifest and manifest["run_hash"] == run_hash and manifest["status"] == "finished":
-        checkpoints = _finished_checkpoints(output_dir, manifest)
-        if checkpoints is not None:
-            log(
-                f"{output_name}: already trained with this configuration "
-                f"({len(checkpoints)} checkpoints); nothing to do"
-            )
-            return checkpoints
-        log(f"{output_name}: finished run's files are missing or changed; training again")
     resume_from = None
     if manifest and manifest["run_hash"] == run_hash and state_path.is_file():
         resume_from = state_path
@@ -451,17 +443,6 @@ def _run_hash(
         "dataset_dirs": dataset_dirs,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _finished_checkpoints(output_dir: Path, manifest: dict) -> list[CheckpointInfo] | None:
-    """The finished run's checkpoints, or None when a file is missing or was changed."""
-    checkpoints = []
-    for entry in manifest["checkpoints"]:
-        path = output_dir / entry["file"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            return None
-        checkpoints.append(CheckpointInfo(entry["step"], entry["epoch"], path, entry["sha256"]))
-    return checkpoints
 
 
 def _remove_previous_run(output_dir: Path, manifest: dict, log: Callable[[str], None]) -> None:

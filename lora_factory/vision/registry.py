@@ -81,7 +81,7 @@ CCIP_FILES = ("model_feat.onnx", "model_metrics.onnx", "metrics.json")
 DETECTOR_FILES = ("model.onnx",)
 CLASSIFIER_FILES = ("model.onnx", "meta.json")
 
-# Real models (facts from DESIGN.md section 3 and the deepghs/imgutils layouts). Detector
+# Real models (the deepghs/imgutils repository layouts). Detector
 # folders are named after the model; classifier folders are the chosen variant.
 BUILTIN_SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("wd-swinv2-tagger-v3", "SmilingWolf/wd-swinv2-tagger-v3", WD14_FILES, kind="tagger"),

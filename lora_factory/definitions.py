@@ -1,8 +1,11 @@
 """The lora_factory code location (loaded by workspace.yaml).
 
-Resources default to the embedded demo: the demo booru, the built-in tiny vision models
-and the tiny SD1.5-shaped base model, all under LF_HOME (default ./.lora_factory).
-Edit them here, or per run in the UI's launchpad, to use real sites and models.
+`LF_DEPLOYMENT` picks the resources, everything under LF_HOME (default ./.lora_factory):
+- `demo` (the default): the demo booru, the tiny vision models, the tiny SD1.5-shaped base
+  model and the demo characters (lora_factory.demo.deployment); nothing to configure.
+- `production`: real image sites, the real vision models (fetched once into the Hugging
+  Face cache), the base model set in `BaseModelResource.source` and the index named by
+  LF_INDEX_PATH. Edit them here, or per run in the UI's launchpad.
 """
 
 import os
@@ -15,8 +18,7 @@ from lora_factory.assets.evaluation import chosen_model, recscore_table
 from lora_factory.assets.index import character_index
 from lora_factory.assets.scraping import matched_tags, raw_scrape
 from lora_factory.assets.training import lora_checkpoints
-from lora_factory.index.character_index import DEMO_INDEX_PATH
-from lora_factory.jobs import character_job
+from lora_factory.jobs import character_job, index_job
 from lora_factory.resources import (
     BaseModelResource,
     CharacterIndex,
@@ -27,6 +29,38 @@ from lora_factory.resources import (
 from lora_factory.run_health import monitored_executor
 from lora_factory.sensors import character_index_sensor
 from lora_factory.storage import DEFAULT_HOME
+
+
+def _demo_resources() -> dict:
+    # Imported only here: the production deployment loads nothing of the demo.
+    from lora_factory.demo.deployment import DEMO_INDEX_PATH, demo_resources
+
+    return demo_resources(os.environ.get("LF_INDEX_PATH", DEMO_INDEX_PATH))
+
+
+def _production_resources() -> dict:
+    return {
+        "character_index": CharacterIndex(index_path=os.environ.get("LF_INDEX_PATH", "")),
+        "image_sites": ImageSites(),
+        "vision_models": VisionModelsResource(),
+        "base_model": BaseModelResource(),
+    }
+
+
+DEPLOYMENTS = {"demo": _demo_resources, "production": _production_resources}
+
+
+def deployment_resources(deployment: str) -> dict:
+    """The resources of a deployment named in DEPLOYMENTS."""
+    if deployment not in DEPLOYMENTS:
+        raise ValueError(
+            f"LF_DEPLOYMENT={deployment!r} is not a deployment: use one of {', '.join(DEPLOYMENTS)}"
+        )
+    return {
+        "storage": FactoryStorage(home=os.environ.get("LF_HOME", DEFAULT_HOME)),
+        **DEPLOYMENTS[deployment](),
+    }
+
 
 defs = dg.Definitions(
     assets=[
@@ -40,17 +74,9 @@ defs = dg.Definitions(
         recscore_table,
         chosen_model,
     ],
-    jobs=[character_job],
+    jobs=[character_job, index_job],
     sensors=[character_index_sensor],
     # Records each run's worker process so run monitoring can fail runs whose worker died.
     executor=monitored_executor,
-    resources={
-        "storage": FactoryStorage(home=os.environ.get("LF_HOME", DEFAULT_HOME)),
-        "character_index": CharacterIndex(
-            index_path=os.environ.get("LF_INDEX_PATH", str(DEMO_INDEX_PATH))
-        ),
-        "image_sites": ImageSites(),
-        "vision_models": VisionModelsResource(),
-        "base_model": BaseModelResource(),
-    },
+    resources=deployment_resources(os.environ.get("LF_DEPLOYMENT") or "demo"),
 )

@@ -10,3 +10,12 @@ character_job = dg.define_asset_job(
     # Records the run worker, so run monitoring can fail the run if that process dies.
     executor_def=monitored_executor,
 )
+
+# The index as a table: the sensor runs it whenever the index file changes, so the
+# `character_index` asset (and its data version) always tells what the file holds.
+index_job = dg.define_asset_job(
+    name="index_job",
+    selection=dg.AssetSelection.groups("index"),
+    description="Read the character index file into the `character_index` table.",
+    executor_def=monitored_executor,
+)

@@ -235,17 +235,15 @@ def test_a_finished_owner_does_not_block(tmp_path):
 def test_a_failing_site_is_skipped_with_its_error_when_another_site_works(built, home):
     import socket
 
-    from lora_factory.resources import ImageSites, SiteConfig
+    from lora_factory.demo.deployment import DEMO_SITE, DemoImageSites
+    from lora_factory.resources import SiteConfig
 
     instance, _ = built
     with socket.socket() as probe:  # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    sites = ImageSites(
-        sites=[
-            {"name": "demo", "base_url": "demo", "requests_per_second": 50.0},
-            SiteConfig(name="danbooru", base_url=f"http://127.0.0.1:{port}"),
-        ],
+    sites = DemoImageSites(
+        sites=[SiteConfig(**DEMO_SITE), SiteConfig(name="danbooru", base_url=f"http://127.0.0.1:{port}")],
         max_retries=1,
     )
     result = run_chain(instance, home, selection=["raw_scrape"], image_sites=sites)
@@ -316,3 +314,29 @@ def test_lineage_declares_every_file_an_asset_reads():
     assert upstream["buckets"] >= {"captions", "cleaned_crops"}
     assert upstream["recscore_table"] >= {"lora_checkpoints", "captions", "cleaned_crops", "character_index"}
     assert upstream["chosen_model"] >= {"recscore_table", "lora_checkpoints", "captions", "character_index"}
+
+
+def test_a_changed_upstream_marks_its_consumers_stale(built, home):
+    """Dagster's own staleness (what the UI shows): new captions make every asset that
+    reads them stale, and nothing upstream of them."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContextForTest
+
+    from lora_factory.definitions import defs
+
+    instance, _ = built
+    rerun(built, home)  # this home's data versions are the instance's latest
+    result = run_chain(
+        instance,
+        home,
+        selection=["captions"],
+        run_config={"ops": {"captions": {"config": {"style": "fluid"}}}},
+    )
+    assert result.success, failure_message(result)
+    resolver = CachingStaleStatusResolver(
+        instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
+    )
+    status = {name: resolver.get_status(dg.AssetKey(name), CHARACTER) for name in CHAIN}
+    for name in ("buckets", "lora_checkpoints", "recscore_table", "chosen_model"):
+        assert status[name] == StaleStatus.STALE, (name, status)
+    assert status["cleaned_crops"] == StaleStatus.FRESH

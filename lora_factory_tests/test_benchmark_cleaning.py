@@ -33,9 +33,8 @@ from lora_factory.benchmarks.reference_networks import (
     SwinV2,
     YoloV8,
 )
+from lora_factory.demo.tiny_models import TINY_MODELS, tiny_model_files
 from lora_factory.storage import BlobStore
-from lora_factory.vision.models import DEFAULT_TINY_MODELS
-from lora_factory.vision.tiny_models import tiny_model_files
 
 
 def _parameters(build) -> int:
@@ -85,7 +84,7 @@ class _Small(torch.nn.Module):
 
 
 def test_composed_model_decides_as_the_tiny_model_and_computes_the_network():
-    files = tiny_model_files(DEFAULT_TINY_MODELS["monochrome"])
+    files = tiny_model_files(TINY_MODELS["monochrome"])
     decider = onnx.load_from_string(files[main_model_file("monochrome")])
     network = export_network(ReferenceNetwork("small", _Small, (3, 384, 384)))
     combined = with_reference_compute(decider, network)
@@ -106,7 +105,7 @@ def test_composed_model_decides_as_the_tiny_model_and_computes_the_network():
 
 
 def test_every_role_has_a_reference_network():
-    assert set(reference_networks()) == set(DEFAULT_TINY_MODELS)
+    assert set(reference_networks()) == set(TINY_MODELS)
 
 
 def test_batched_and_one_by_one_chains_do_the_same_work(tmp_path):

@@ -16,14 +16,10 @@ import pytest
 
 from lora_factory.assets.dataset import buckets, captions
 from lora_factory.demo.characters import DEMO_CHARACTERS
+from lora_factory.demo.deployment import demo_resources
 from lora_factory.demo.drawing import draw_post
 from lora_factory.provenance import StampBook, record_files
-from lora_factory.resources import (
-    BaseModelResource,
-    CharacterIndex,
-    FactoryStorage,
-    VisionModelsResource,
-)
+from lora_factory.resources import FactoryStorage
 from lora_factory.storage import FactoryStore, read_table, write_table
 
 CHARACTER = "ash_ember_knights"
@@ -67,12 +63,7 @@ def materialize(instance, home, caption_config=None):
         [captions, buckets],
         partition_key=CHARACTER,
         instance=instance,
-        resources={
-            "storage": FactoryStorage(home=str(home)),
-            "character_index": CharacterIndex(),
-            "vision_models": VisionModelsResource(),
-            "base_model": BaseModelResource(),
-        },
+        resources={"storage": FactoryStorage(home=str(home)), **demo_resources()},
         run_config=run_config,
     )
     return {

@@ -13,13 +13,8 @@ from lora_factory.assets.cleaning import cleaned_crops
 from lora_factory.assets.index import character_index
 from lora_factory.assets.scraping import matched_tags, raw_scrape
 from lora_factory.cleaning.embeddings import EmbeddingStore
-from lora_factory.resources import (
-    BaseModelResource,
-    CharacterIndex,
-    FactoryStorage,
-    ImageSites,
-    VisionModelsResource,
-)
+from lora_factory.demo.deployment import demo_resources
+from lora_factory.resources import FactoryStorage
 from lora_factory.storage import FactoryStore, read_table
 
 CHARACTER = "ash_ember_knights"
@@ -33,13 +28,7 @@ def clean(instance, home, **settings):
         ASSETS,
         partition_key=CHARACTER,
         instance=instance,
-        resources={
-            "storage": FactoryStorage(home=str(home)),
-            "character_index": CharacterIndex(),
-            "image_sites": ImageSites(),
-            "vision_models": VisionModelsResource(),
-            "base_model": BaseModelResource(),
-        },
+        resources={"storage": FactoryStorage(home=str(home)), **demo_resources()},
         selection=SELECTION,
         run_config={"ops": {"cleaned_crops": {"config": settings}}} if settings else None,
         raise_on_error=False,

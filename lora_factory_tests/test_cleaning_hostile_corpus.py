@@ -24,9 +24,9 @@ from lora_factory.cleaning.decode import DecodedImage, Quarantined, decode_image
 from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
 from lora_factory.demo import booru as demo
 from lora_factory.demo.characters import DEMO_CHARACTERS
+from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
 from lora_factory.storage import BlobStore, sha256_bytes
 from lora_factory.vision.models import VisionModels
-from lora_factory.vision.registry import ModelRegistry
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 SIZE = (160, 200)  # width, height: above the chain's 128 px minimum side
@@ -183,7 +183,7 @@ def test_bomb_is_refused_below_pils_own_limit():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> VisionModels:
-    return VisionModels.load(ModelRegistry(tmp_path_factory.mktemp("models")))
+    return VisionModels.load(tiny_registry(tmp_path_factory.mktemp("models")), names=TINY_MODELS)
 
 
 @pytest.fixture(scope="module")

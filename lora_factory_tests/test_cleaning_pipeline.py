@@ -18,9 +18,9 @@ from lora_factory.cleaning.embeddings import EmbeddingStore
 from lora_factory.cleaning.pipeline import CROP_COLUMNS, CleaningConfig, clean_character
 from lora_factory.demo import booru as demo
 from lora_factory.demo.characters import DEMO_CHARACTERS
+from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
 from lora_factory.storage import BlobStore
 from lora_factory.vision.models import VisionModels
-from lora_factory.vision.registry import ModelRegistry
 
 CHARACTER = DEMO_CHARACTERS[0]
 # The chain as the factory runs it (the demo booru poses every figure differently, so
@@ -35,7 +35,7 @@ def booru() -> demo.DemoBooru:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> VisionModels:
-    return VisionModels.load(ModelRegistry(tmp_path_factory.mktemp("models")))
+    return VisionModels.load(tiny_registry(tmp_path_factory.mktemp("models")), names=TINY_MODELS)
 
 
 def scraped(booru: demo.DemoBooru, blobs: BlobStore, tag: str) -> pd.DataFrame:

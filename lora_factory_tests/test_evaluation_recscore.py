@@ -17,6 +17,7 @@ from PIL import Image
 
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_post_image
+from lora_factory.demo.tiny_models import build_tiny_model
 from lora_factory.evaluation.prompts import PreviewPrompt, preview_prompts
 from lora_factory.evaluation.recscore import (
     RECSCORE_COLUMNS,
@@ -29,7 +30,6 @@ from lora_factory.evaluation.recscore import (
 from lora_factory.evaluation.selection import choose_step, fbeta_score
 from lora_factory.vision.identity import IdentityModel
 from lora_factory.vision.tagger import WD14Tagger
-from lora_factory.vision.tiny_models import build_tiny_model
 
 
 class CosineIdentity:

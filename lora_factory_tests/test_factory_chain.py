@@ -16,14 +16,8 @@ from lora_factory.assets.evaluation import chosen_model, recscore_table
 from lora_factory.assets.index import character_index
 from lora_factory.assets.scraping import matched_tags, raw_scrape
 from lora_factory.assets.training import lora_checkpoints
-from lora_factory.resources import (
-    BaseModelResource,
-    CharacterIndex,
-    FactoryStorage,
-    ImageSites,
-    SiteConfig,
-    VisionModelsResource,
-)
+from lora_factory.demo.deployment import DemoVisionModels, demo_resources
+from lora_factory.resources import FactoryStorage, ImageSites, SiteConfig
 from lora_factory.storage import read_table
 
 CHARACTER = "ash_ember_knights"
@@ -41,21 +35,17 @@ ASSETS = [
 CHAIN = [asset.key.to_user_string() for asset in ASSETS[1:]]
 
 
-def run_chain(instance, home: Path, partition: str = CHARACTER, selection=CHAIN, **resource_overrides):
-    resources = {
-        "storage": FactoryStorage(home=str(home)),
-        "character_index": CharacterIndex(),
-        "image_sites": ImageSites(),
-        "vision_models": VisionModelsResource(),
-        "base_model": BaseModelResource(),
-        **resource_overrides,
-    }
+def run_chain(
+    instance, home: Path, partition: str = CHARACTER, selection=CHAIN, run_config=None, **resource_overrides
+):
+    resources = {"storage": FactoryStorage(home=str(home)), **demo_resources(), **resource_overrides}
     return dg.materialize(
         ASSETS,
         partition_key=partition,
         instance=instance,
         resources=resources,
         selection=selection,
+        run_config=run_config,
         raise_on_error=False,
     )
 
@@ -142,7 +132,7 @@ def test_second_run_reuses_everything(factory):
 def test_missing_model_fails_with_the_fetch_command(factory, tmp_path):
     instance, home, _, _ = factory
     result = run_chain(
-        instance, home, vision_models=VisionModelsResource(person="person_detect_v1.1_m")
+        instance, home, vision_models=DemoVisionModels(person="person_detect_v1.1_m")
     )
     assert not result.success
     message = failure_message(result)

@@ -12,6 +12,7 @@ import pytest
 from lora_factory.demo.booru import DemoBooru
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_post_image
+from lora_factory.demo.tiny_models import build_tiny_model
 from lora_factory.matching.tag_matching import match_character
 from lora_factory.matching.visual import (
     VisualCheck,
@@ -23,7 +24,6 @@ from lora_factory.matching.visual import (
 )
 from lora_factory.storage import BlobStore
 from lora_factory.vision.identity import IdentityModel
-from lora_factory.vision.tiny_models import build_tiny_model
 
 DIM = 16
 

@@ -11,6 +11,7 @@ import psycopg2
 import pytest
 
 from lora_factory.assets.index import character_index
+from lora_factory.demo.deployment import DEMO_INDEX_PATH
 from lora_factory.resources import CharacterIndex, FactoryStorage
 from lora_factory.run_health import MonitoredRunLauncher
 
@@ -57,7 +58,7 @@ def test_materialize_on_postgres_instance(scratch_database, tmp_path, monkeypatc
             instance=instance,
             resources={
                 "storage": FactoryStorage(home=str(tmp_path / "factory")),
-                "character_index": CharacterIndex(),
+                "character_index": CharacterIndex(index_path=str(DEMO_INDEX_PATH)),
             },
         )
         assert result.success

@@ -35,6 +35,13 @@ def evaluate(instance, index_path: Path, cursor: str | None):
     )
     result = character_index_sensor(context)
     if isinstance(result, dg.SensorResult):
+        # A changed index always refreshes the `character_index` table first.
+        assert result.run_requests[0].job_name == "index_job"
+        result = dg.SensorResult(
+            run_requests=result.run_requests[1:],
+            dynamic_partitions_requests=result.dynamic_partitions_requests,
+            cursor=result.cursor,
+        )
         for request in result.dynamic_partitions_requests or []:
             if isinstance(request, dg.AddDynamicPartitionsRequest):
                 instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)

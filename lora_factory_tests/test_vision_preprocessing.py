@@ -6,6 +6,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from lora_factory.demo.tiny_models import build_tiny_model
 from lora_factory.vision.classifiers import (
     ImageClassifier,
     looks_like_probabilities,
@@ -20,7 +21,6 @@ from lora_factory.vision.detection import (
 )
 from lora_factory.vision.identity import IdentityModel
 from lora_factory.vision.tagger import WD14Tagger, mcut_threshold
-from lora_factory.vision.tiny_models import build_tiny_model
 
 RED, BLUE = (200, 10, 30), (10, 40, 220)
 

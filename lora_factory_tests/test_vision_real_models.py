@@ -13,19 +13,15 @@ from lora_factory.storage import factory_home
 from lora_factory.vision.classifiers import ImageClassifier
 from lora_factory.vision.detection import YoloDetector
 from lora_factory.vision.identity import IdentityModel
-from lora_factory.vision.models import (
-    CLASSIFIER_ROLES,
-    DEFAULT_REAL_MODELS,
-    DETECTOR_ROLES,
-)
-from lora_factory.vision.registry import ModelNotFoundError, ModelRegistry
+from lora_factory.vision.models import CLASSIFIER_ROLES, DETECTOR_ROLES
+from lora_factory.vision.registry import DEFAULT_MODELS, ModelNotFoundError, ModelRegistry
 from lora_factory.vision.tagger import WD14Tagger
 
 REGISTRY = ModelRegistry(factory_home() / "models")
 
 
 def real_model(role: str):
-    name = DEFAULT_REAL_MODELS[role]
+    name = DEFAULT_MODELS[role]
     try:
         return REGISTRY.resolve(name), REGISTRY.spec(name)
     except ModelNotFoundError:

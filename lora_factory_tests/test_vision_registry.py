@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+from lora_factory.demo.tiny_models import TINY_MODEL_NAMES, build_tiny_models, tiny_registry
 from lora_factory.vision import runtime
 from lora_factory.vision.registry import (
     BUILTIN_SPECS,
@@ -15,7 +16,6 @@ from lora_factory.vision.registry import (
     ModelRegistry,
     ModelSpec,
 )
-from lora_factory.vision.tiny_models import TINY_MODEL_NAMES, build_tiny_models
 
 
 def digests(folder):
@@ -85,10 +85,13 @@ def test_tiny_models_have_the_real_models_signatures(tiny):
         assert len(json.loads((tiny[name] / "meta.json").read_text())["labels"]) == count
 
 
-def test_registry_builds_tiny_models_and_uses_local_paths_as_they_are(tmp_path):
-    registry = ModelRegistry(tmp_path / "models", hf_cache_dir=tmp_path / "hf")
+def test_registry_builds_registered_models_and_uses_local_paths_as_they_are(tmp_path):
+    # Only the real models are built in: the demo registers its tiny ones.
+    with pytest.raises(ModelNotFoundError, match="registered models"):
+        ModelRegistry(tmp_path / "models").resolve("tiny-head")
+    registry = tiny_registry(tmp_path / "models", hf_cache_dir=tmp_path / "hf")
     folder = registry.resolve("tiny-head")
-    assert folder == tmp_path / "models" / "tiny" / "tiny-head" and (folder / "model.onnx").is_file()
+    assert folder == tmp_path / "models" / "built" / "tiny-head" and (folder / "model.onnx").is_file()
     assert registry.resolve(folder) == folder
     assert registry.resolve(str(folder / "model.onnx")) == folder / "model.onnx"
     assert registry.spec("tiny-head").defaults["conf_threshold"] == 0.4
@@ -132,6 +135,8 @@ def test_builtin_specs_are_data_with_one_folder_each():
         ModelSpec("split", "a/b", ("x/model.onnx", "y/meta.json"), kind="classifier")
     with pytest.raises(ValueError, match="kind"):
         ModelSpec("odd", "a/b", ("model.onnx",), kind="segmenter")
+    with pytest.raises(ValueError, match="either a repository or a build function"):
+        ModelSpec("nowhere", None, ("model.onnx",), kind="detector")
 
 
 def test_sessions_are_created_with_explicit_providers_and_cached(tiny, monkeypatch):

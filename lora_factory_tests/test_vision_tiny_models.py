@@ -11,21 +11,22 @@ from PIL import Image
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_ashtray, draw_post
 from lora_factory.demo.palette import TAG_COLOURS
+from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
 from lora_factory.vision.detection import iou
-from lora_factory.vision.models import DEFAULT_REAL_MODELS, ROLES, VisionModels
-from lora_factory.vision.registry import ModelRegistry
+from lora_factory.vision.models import ROLES, VisionModels
+from lora_factory.vision.registry import DEFAULT_MODELS
 
 ASH, ASH_BOY, LUMI, KAEDE = DEMO_CHARACTERS
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    return ModelRegistry(tmp_path_factory.mktemp("models"), hf_cache_dir=tmp_path_factory.mktemp("hf"))
+    return tiny_registry(tmp_path_factory.mktemp("models"), hf_cache_dir=tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")
 def models(registry) -> VisionModels:
-    return VisionModels.load(registry)
+    return VisionModels.load(registry, names=TINY_MODELS)
 
 
 def jpeg(image: Image.Image, quality: int = 80) -> Image.Image:
@@ -55,8 +56,8 @@ def framings(character, outfit: int, size, seed: int) -> dict[str, Image.Image]:
 
 def test_defaults_cover_every_role_and_real_names_are_registered(models, registry):
     assert all(getattr(models, role) is not None for role in ROLES)
-    assert set(DEFAULT_REAL_MODELS) == set(ROLES)
-    assert all(registry.spec(name).repo_id for name in DEFAULT_REAL_MODELS.values())
+    assert set(DEFAULT_MODELS) == set(TINY_MODELS) == set(ROLES)
+    assert all(registry.spec(name).repo_id for name in DEFAULT_MODELS.values())
 
 
 @pytest.mark.parametrize("character", DEMO_CHARACTERS, ids=lambda c: c.key)
@@ -164,20 +165,22 @@ def test_classifiers_flag_monochrome_and_call_demo_pictures_safe_illustrations(m
 
 
 def test_cpu_batches_are_small_for_the_transformers_and_can_be_fixed_per_role(registry):
-    cpu = VisionModels.load(registry, providers="cpu")
+    cpu = VisionModels.load(registry, names=TINY_MODELS, providers="cpu")
     # SwinV2 tagger and aesthetic, CAFormer identity: one image per call on a CPU.
     assert cpu.tagger.batch_size == cpu.aesthetic.batch_size == cpu.identity.batch_size == 1
     assert {getattr(cpu, role).batch_size for role in ("person", "face", "monochrome", "rating")} == {4}
-    fixed = VisionModels.load(registry, providers="cpu", batch_sizes={"tagger": 3, "aesthetic": 2})
+    fixed = VisionModels.load(
+        registry, names=TINY_MODELS, providers="cpu", batch_sizes={"tagger": 3, "aesthetic": 2}
+    )
     assert (fixed.tagger.batch_size, fixed.aesthetic.batch_size, fixed.person.batch_size) == (3, 2, 4)
     with pytest.raises(ValueError, match="unknown vision roles"):
-        VisionModels.load(registry, batch_sizes={"tager": 2})
+        VisionModels.load(registry, names=TINY_MODELS, batch_sizes={"tager": 2})
     with pytest.raises(ValueError, match="at least 1"):
-        VisionModels.load(registry, providers="cpu", batch_sizes={"tagger": 0})
+        VisionModels.load(registry, names=TINY_MODELS, providers="cpu", batch_sizes={"tagger": 0})
 
 
 def test_gpu_batches_are_large_where_cuda_runs(registry):
-    gpu = VisionModels.load(registry, providers="auto")
+    gpu = VisionModels.load(registry, names=TINY_MODELS, providers="auto")
     if gpu.tagger.session.get_providers()[0] != "CUDAExecutionProvider":
         pytest.skip("no usable CUDA provider on this machine")
     assert gpu.tagger.batch_size == 16 and gpu.identity.batch_size == 32 and gpu.person.batch_size == 16
@@ -199,11 +202,11 @@ def test_results_do_not_depend_on_the_batch_size(models):
 
 
 def test_the_dagster_resource_passes_batch_sizes_from_run_config(tmp_path):
-    from lora_factory.resources.models import VisionModelsResource
+    from lora_factory.demo.deployment import DemoVisionModels
     from lora_factory.storage import FactoryStore
 
     store = FactoryStore(tmp_path)
-    loaded = VisionModelsResource(batch_sizes={"tagger": 5}).load(store)
+    loaded = DemoVisionModels(batch_sizes={"tagger": 5}).load(store)
     assert loaded.tagger.batch_size == 5 and loaded.person.batch_size in (4, 16)
     with pytest.raises(ValueError, match="unknown vision roles"):
-        VisionModelsResource(batch_sizes={"tager": 5}).load(store)
+        DemoVisionModels(batch_sizes={"tager": 5}).load(store)

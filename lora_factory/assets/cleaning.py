@@ -13,6 +13,7 @@ from PIL import Image
 
 from lora_factory.assets.metadata import counts_metadata, table_metadata
 from lora_factory.assets.scraping import MatchedTagsFiles, matched_tags
+from lora_factory.assets.settings import core_config, settings_for
 from lora_factory.assets.stage import AssetFiles, Stage, UpstreamError, character_asset
 from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
 from lora_factory.provenance import frame_hash
@@ -49,35 +50,23 @@ class CleanedCropsFiles(AssetFiles):
         return self.store.blobs.path(sha256)
 
 
-class CleaningSettings(dg.Config):
-    """The cleaning chain's main knobs (every threshold: lora_factory.cleaning.pipeline)."""
-
-    min_side: int = CleaningConfig.min_side
-    min_crop_side: int = CleaningConfig.min_crop_side
-    phash_max_distance: int = CleaningConfig.phash_max_distance
-    require_one_face: bool = CleaningConfig.require_one_face
-    identity_filter: bool = CleaningConfig.identity_filter
-    keep_classes: list[str] = list(CleaningConfig.keep_classes)
-    allowed_ratings: list[str] = []  # empty: every rating
-    min_crops: int = 10  # blocking check: fewer crops than this fails the partition
-    # Blocking check: below this share of persons in the dominant identity cluster the
-    # tag mostly shows someone else (a namesake, a mis-tag) and a LoRA would learn a mix.
-    min_identity_purity: float = 0.5
-    # Cosine distance under which a crop counts as the same drawing as another
-    # character's crop (reported, not dropped: a duo picture may rightly serve both);
-    # None: the embedding store's default (lora_factory.cleaning.embeddings).
-    cross_character_distance: float | None = None
-
-    def cleaning_config(self) -> CleaningConfig:
-        return CleaningConfig(
-            min_side=self.min_side,
-            min_crop_side=self.min_crop_side,
-            phash_max_distance=self.phash_max_distance,
-            require_one_face=self.require_one_face,
-            identity_filter=self.identity_filter,
-            keep_classes=tuple(self.keep_classes),
-            allowed_ratings=tuple(self.allowed_ratings) or None,
-        )
+CleaningSettings = settings_for(
+    CleaningConfig,
+    "The cleaning chain's thresholds (lora_factory.cleaning.pipeline.CleaningConfig) and its "
+    "blocking checks.",
+    exclude=("log_every",),
+    extra={
+        # Blocking check: fewer crops than this fails the partition.
+        "min_crops": (int, 10),
+        # Blocking check: below this share of persons in the dominant identity cluster the
+        # tag mostly shows someone else (a namesake, a mis-tag) and a LoRA would learn a mix.
+        "min_identity_purity": (float, 0.5),
+        # Cosine distance under which a crop counts as the same drawing as another
+        # character's crop (reported, not dropped: a duo picture may rightly serve both);
+        # None: the embedding store's default (lora_factory.cleaning.embeddings).
+        "cross_character_distance": (float | None, None),
+    },
+)
 
 
 @character_asset(
@@ -138,7 +127,7 @@ def cleaned_crops(
             posts,
             stage.store.blobs,
             vision_models.load(stage.store),
-            config.cleaning_config(),
+            core_config(CleaningConfig, config),
             embeddings,
             log=context.log.info,
         )

@@ -18,6 +18,7 @@ import pandas as pd
 from lora_factory.assets.cleaning import CleanedCropsFiles, cleaned_crops
 from lora_factory.assets.index import character_index
 from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.settings import core_config, settings_for
 from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.bucketing.buckets import KohyaBuckets, resize_and_crop
 from lora_factory.bucketing.export import (
@@ -114,23 +115,15 @@ class BucketsFiles(AssetFiles):
         return self.verified(self.train_dir / relative)
 
 
-class CaptionSettings(dg.Config):
+CaptionSettings = settings_for(
+    CaptionConfig,
     """How crops are captioned. Styles: `fluid` prunes nothing, `semi-static`
     prunes the core tags, `static` prunes the core tags and the dominant outfit.
     `fold_generic` / `fold_species`: 1girl/1boy/solo and species tags (horse_girl)
     count as core tags. Outfit triggers: clusters of at least
-    `outfit_trigger_min_images` pictures get a trigger named after their garments."""
-
-    style: str = "semi-static"
-    general_threshold: float = 0.35
-    character_threshold: float = 0.85
-    core_threshold: float = 0.35
-    remove_underscores: bool = True
-    fold_generic: bool = False
-    fold_species: bool = True
-    max_clusters: int = 4
-    outfit_triggers: bool = False
-    outfit_trigger_min_images: int = 8
+    `outfit_trigger_min_images` pictures get a trigger named after their garments.""",
+    exclude=("extra_blacklist",),  # the index row's banned tags
+)
 
 
 class BucketSettings(dg.Config):
@@ -191,7 +184,7 @@ def captions(
     clusters_path = stage.files.table_path("clusters")
     summary_path = stage.files.summary_path
     if stage.needs_build():
-        caption_config = CaptionConfig(**config.model_dump(), extra_blacklist=tuple(row.banned_tags))
+        caption_config = core_config(CaptionConfig, config, extra_blacklist=tuple(row.banned_tags))
         cleaned = stage.read(CleanedCropsFiles)
         crops = cleaned.crops()
         tagger = vision_models.load(stage.store).tagger

@@ -30,18 +30,16 @@ from lora_factory.resources import (
     FactoryStorage,
     VisionModelsResource,
 )
-from lora_factory.resources.models import TINY_BASE_MODEL
 from lora_factory.storage import atomic_write_bytes, read_table, write_table
 
 GENDER_TAGS = {"female": "1girl", "male": "1boy", "other": "solo"}
 DEFAULT_SAMPLING_STEPS = 20
-TINY_MODEL_SAMPLING_STEPS = 8
 
 
 class EvaluationSettings(dg.Config):
     """Preview rendering and step selection (CyberHarem's F-beta rule, beta 3)."""
 
-    sampling_steps: int = 0  # 0: 20, or 8 on the tiny demo model
+    sampling_steps: int = 0  # 0: the base model deployment's default (20 for a real model)
     guidance: float = 7.0
     lora_scale: float = 1.0
     base_seed: int = 42
@@ -126,8 +124,7 @@ def recscore_table(
         models = vision_models.load(stage.store)
         renderer = PreviewRenderer(
             base_model.resolve(stage.store),
-            steps=config.sampling_steps
-            or (TINY_MODEL_SAMPLING_STEPS if base_model.source == TINY_BASE_MODEL else DEFAULT_SAMPLING_STEPS),
+            steps=config.sampling_steps or base_model.defaults.sampling_steps or DEFAULT_SAMPLING_STEPS,
             guidance=config.guidance,
             lora_scale=config.lora_scale,
             clip_skip=base_model.clip_skip,
@@ -224,7 +221,7 @@ def chosen_model(
             },
             beta=config.beta,
             prompts=prompts,
-            synthetic_demo=base_model.source == TINY_BASE_MODEL,
+            synthetic_demo=base_model.synthetic_demo,
         )
         stage.finish(f"{step}:{stage.upstream_hashes['recscore_table']}", {"step": step})
     step = stage.stamp.summary["step"]

@@ -11,80 +11,21 @@ import pandas as pd
 
 from lora_factory.assets.dataset import BucketsFiles, CaptionsFiles, buckets, captions
 from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.settings import core_config, settings_for
 from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.captioning.captions import tag_frequency
 from lora_factory.provenance import fingerprint
 from lora_factory.resources import BaseModelResource, FactoryStorage
-from lora_factory.resources.models import TINY_BASE_MODEL
 from lora_factory.storage import read_json, read_table, write_table
 from lora_factory.training.config import TrainingConfig
 
-# The tiny demo base model has random weights: its LoRAs are meaningless, so the demo
-# trains only long enough to make a few real checkpoints.
-TINY_MODEL_STEPS = 96
-TINY_MODEL_SAVE_EVERY = 24
-
-
-class TrainingSettings(dg.Config):
-    """Training knobs; 0 means "decided for you": rank, alpha and the training length from
-    the dataset size (more images, fewer epochs), learning rates from the optimizer."""
-
-    network_type: str = "lora"  # lora | loha | lokr (LyCORIS layout)
-    rank: int = 0
-    alpha: float = 0.0
-    lokr_factor: int = -1
-    max_train_steps: int = 0
-    max_train_epochs: int = 0
-    save_every_n_steps: int = 0
-    batch_size: int = 4
-    optimizer: str = "adamw"  # adamw (8-bit with bitsandbytes on a GPU) | adamw8bit | prodigy
-    unet_learning_rate: float = 0.0
-    text_encoder_learning_rate: float = 0.0
-    train_text_encoder: bool = True
-    lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 0
-    min_snr_gamma: float = 5.0
-    noise_offset: float = 0.0
-    input_perturbation: float = 0.0
-    caption_shuffle: bool = True
-    caption_dropout: float = 0.0
-    flip: bool = False
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-
-    def training_config(self, resolution: int, clip_skip: int, tiny_base: bool) -> TrainingConfig:
-        steps = self.max_train_steps or None
-        if steps is None and not self.max_train_epochs and tiny_base:
-            steps = TINY_MODEL_STEPS
-        save_every = self.save_every_n_steps or (TINY_MODEL_SAVE_EVERY if tiny_base else None)
-        return TrainingConfig(
-            network_type=self.network_type,
-            rank=self.rank or None,
-            alpha=self.alpha or None,
-            lokr_factor=self.lokr_factor,
-            max_train_steps=steps,
-            max_train_epochs=self.max_train_epochs or None,
-            save_every_n_steps=save_every,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            unet_learning_rate=self.unet_learning_rate or None,
-            text_encoder_learning_rate=self.text_encoder_learning_rate or None,
-            train_text_encoder=self.train_text_encoder,
-            lr_scheduler=self.lr_scheduler,
-            lr_warmup_steps=self.lr_warmup_steps,
-            min_snr_gamma=self.min_snr_gamma or None,
-            noise_offset=self.noise_offset,
-            input_perturbation=self.input_perturbation,
-            caption_shuffle=self.caption_shuffle,
-            caption_dropout=self.caption_dropout,
-            flip=self.flip,
-            mixed_precision=self.mixed_precision,
-            gradient_checkpointing=self.gradient_checkpointing,
-            resolution=resolution,
-            clip_skip=clip_skip,
-            seed=self.seed,
-        )
+TrainingSettings = settings_for(
+    TrainingConfig,
+    "Training knobs (lora_factory.training.config.TrainingConfig); None means \"decided for you\": "
+    "rank, alpha and the training length from the dataset size (more images, fewer epochs), "
+    "learning rates from the optimizer.",
+    exclude=("resolution", "clip_skip"),  # from the buckets and the base model
+)
 
 
 class LoraCheckpointsFiles(AssetFiles):
@@ -159,8 +100,8 @@ def lora_checkpoints(
         # kohya's folders: one per repeat count, `<repeats>_<name>`.
         folders = {f"{r}_{stage.key}": rows for r, rows in dataset.groupby("repeats")}
         resolution = bucketed.resolution()
-        training_config = config.training_config(
-            resolution, base_model.clip_skip, tiny_base=base_model.source == TINY_BASE_MODEL
+        training_config = base_model.defaults.training(
+            core_config(TrainingConfig, config, resolution=resolution, clip_skip=base_model.clip_skip)
         )
         checkpoints = train_lora(
             base_model.resolve(stage.store),

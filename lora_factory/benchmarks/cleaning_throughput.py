@@ -65,6 +65,13 @@ from lora_factory.benchmarks.memory import peak_rss_mb
 from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_ashtray, draw_post
+from lora_factory.demo.tiny_models import (
+    CLASSIFIER_LABELS,
+    OPSET,
+    TINY_MODELS,
+    tiny_model_files,
+    tiny_registry,
+)
 from lora_factory.storage import (
     BlobStore,
     atomic_write_bytes,
@@ -72,9 +79,7 @@ from lora_factory.storage import (
     read_table,
     write_table,
 )
-from lora_factory.vision.models import DEFAULT_TINY_MODELS, ROLES, VisionModels
-from lora_factory.vision.registry import ModelRegistry
-from lora_factory.vision.tiny_models import CLASSIFIER_LABELS, OPSET, tiny_model_files
+from lora_factory.vision.models import ROLES, VisionModels
 
 RATIO_TARGET = 2.0
 PEAK_RSS_TARGET_MB = 4096
@@ -104,7 +109,7 @@ def reference_networks() -> dict[str, ReferenceNetwork]:
     )
 
     def classes(role: str) -> int:
-        return len(CLASSIFIER_LABELS[DEFAULT_TINY_MODELS[role]])
+        return len(CLASSIFIER_LABELS[TINY_MODELS[role]])
 
     def mobilenet(role: str) -> ReferenceNetwork:
         return ReferenceNetwork("MobileNetV3-Large, 384 px", lambda: MobileNetV3(classes(role)), (3, 384, 384))
@@ -194,7 +199,7 @@ def build_reference_models(target_dir: Path, log: Callable[[str], None] = print)
         marker = folder / ".complete"
         if not marker.is_file():
             started = time.perf_counter()
-            files = tiny_model_files(DEFAULT_TINY_MODELS[role])
+            files = tiny_model_files(TINY_MODELS[role])
             import onnx
 
             decider = onnx.load_from_string(files.pop(main_model_file(role)))
@@ -209,9 +214,9 @@ def build_reference_models(target_dir: Path, log: Callable[[str], None] = print)
 
 
 def load_models(kind: str, work: Path, log: Callable[[str], None] = print) -> VisionModels:
-    registry = ModelRegistry(work / "model-cache")
+    registry = tiny_registry(work / "model-cache")
     if kind == "tiny":
-        return VisionModels.load(registry, providers="cpu")
+        return VisionModels.load(registry, names=TINY_MODELS, providers="cpu")
     if kind == "reference":
         return VisionModels.load(registry, names=build_reference_models(work / "reference-models", log),
                                  providers="cpu")

@@ -1,8 +1,8 @@
 """`make demo`: build every demo character end to end on the embedded default.
 
-Uses the demo booru (started in this process on a free loopback port), the built-in
-tiny models and a SQLite Dagster instance under the factory's home, so it needs nothing
-else. Run it again and every stage whose inputs did not change is reused, not redone.
+Uses the demo deployment (LF_DEPLOYMENT's default: the demo booru, started in this
+process on a free loopback port, and the tiny models) and a SQLite Dagster instance under
+the factory's home, so it needs nothing else. Run it again and every stage whose inputs did not change is reused, not redone.
 """
 
 from __future__ import annotations

@@ -25,8 +25,6 @@ GENDERS = ("female", "male", "other")
 # caption, a log line or a file name.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
-DEMO_INDEX_PATH = Path(__file__).with_name("demo_characters.yaml")
-
 
 class CharacterIndexError(ValueError):
     """The index file or one of its rows is invalid; the message says where and how to fix."""

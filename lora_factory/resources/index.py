@@ -1,7 +1,7 @@
 import dagster as dg
 
 from lora_factory.index.character_index import (
-    DEMO_INDEX_PATH,
+    CharacterIndexError,
     CharacterRow,
     find_row,
     load_index,
@@ -9,13 +9,18 @@ from lora_factory.index.character_index import (
 
 
 class CharacterIndex(dg.ConfigurableResource):
-    """The character index file (YAML). Defaults to the demo characters shipped in the repo."""
+    """The character index file (YAML)."""
 
-    index_path: str = str(DEMO_INDEX_PATH)
+    index_path: str = ""
     # The folder absolute `reference_images` must be in; None: the index file's folder.
     reference_root: str | None = None
 
     def rows(self) -> list[CharacterRow]:
+        if not self.index_path:
+            raise CharacterIndexError(
+                "no character index: set LF_INDEX_PATH (or `index_path` in the CharacterIndex "
+                "resource) to your index YAML file"
+            )
         return load_index(self.index_path, reference_root=self.reference_root)
 
     def enabled_rows(self) -> list[CharacterRow]:

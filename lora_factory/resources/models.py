@@ -1,72 +1,84 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 
 from lora_factory.storage import FactoryStore, cached_sha256
-
-TINY_BASE_MODEL = "tiny-sd15"
+from lora_factory.training.config import TrainingConfig
+from lora_factory.vision.registry import DEFAULT_MODELS, ModelRegistry
 
 
 class VisionModelsResource(dg.ConfigurableResource):
-    """Which vision model fills each role: a registry name (`tiny-*` are the built-in
-    demo replicas, see README for the real ones) or a local file/folder path."""
+    """Which vision model fills each role: a registry name (see README for the real models;
+    a missing one fails with the command that fetches it) or a local file/folder path."""
 
-    tagger: str = "tiny-tagger"
-    identity: str = "tiny-identity"
-    person: str = "tiny-person"
-    halfbody: str = "tiny-halfbody"
-    head: str = "tiny-head"
-    face: str = "tiny-face"
-    monochrome: str = "tiny-monochrome"
-    classification: str = "tiny-classification"
-    rating: str = "tiny-rating"
-    aesthetic: str = "tiny-aesthetic"
+    tagger: str = DEFAULT_MODELS["tagger"]
+    identity: str = DEFAULT_MODELS["identity"]
+    person: str = DEFAULT_MODELS["person"]
+    halfbody: str = DEFAULT_MODELS["halfbody"]
+    head: str = DEFAULT_MODELS["head"]
+    face: str = DEFAULT_MODELS["face"]
+    monochrome: str = DEFAULT_MODELS["monochrome"]
+    classification: str = DEFAULT_MODELS["classification"]
+    rating: str = DEFAULT_MODELS["rating"]
+    aesthetic: str = DEFAULT_MODELS["aesthetic"]
     offline: bool = True
     # Images per model call by role, e.g. {"tagger": 64} on a large GPU; unset roles
     # use the defaults by device (vision.models.DEFAULT_BATCH_SIZES).
     batch_sizes: dict[str, int] = {}
 
     def names(self) -> dict[str, str]:
-        return {
-            role: getattr(self, role)
-            for role in (
-                "tagger",
-                "identity",
-                "person",
-                "halfbody",
-                "head",
-                "face",
-                "monochrome",
-                "classification",
-                "rating",
-                "aesthetic",
-            )
-        }
+        return {role: getattr(self, role) for role in DEFAULT_MODELS}
+
+    def registry(self, store: FactoryStore) -> ModelRegistry:
+        """Where the names are looked up; a subclass may register models it builds itself."""
+        return ModelRegistry(store.models_dir, offline=self.offline)
 
     def load(self, store: FactoryStore):
         from lora_factory.vision.models import VisionModels
-        from lora_factory.vision.registry import ModelRegistry
 
-        registry = ModelRegistry(store.models_dir, offline=self.offline)
-        return VisionModels.load(registry, names=self.names(), batch_sizes=self.batch_sizes)
+        return VisionModels.load(self.registry(store), names=self.names(), batch_sizes=self.batch_sizes)
 
     def load_identity(self, store: FactoryStore):
         """Only the identity model (tag matching needs no other)."""
         from lora_factory.vision.identity import IdentityModel
-        from lora_factory.vision.registry import ModelRegistry
 
-        registry = ModelRegistry(store.models_dir, offline=self.offline)
-        return IdentityModel(registry.resolve(self.identity))
+        return IdentityModel(self.registry(store).resolve(self.identity))
+
+
+@dataclass(frozen=True)
+class BaseModelDefaults:
+    """What training and previews use for the settings a run leaves at 0 (None: their
+    usual rule: training length by dataset size, 20 sampling steps)."""
+
+    max_train_steps: int | None = None
+    save_every_n_steps: int | None = None
+    sampling_steps: int | None = None
+
+    def training(self, config: TrainingConfig) -> TrainingConfig:
+        """`config` with these defaults where it leaves the length or the saves undecided."""
+        if self.max_train_steps and config.max_train_steps is None and config.max_train_epochs is None:
+            config = replace(config, max_train_steps=self.max_train_steps)
+        if self.save_every_n_steps and config.save_every_n_steps is None:
+            config = replace(config, save_every_n_steps=self.save_every_n_steps)
+        return config
 
 
 class BaseModelResource(dg.ConfigurableResource):
-    """The SD1.5-family base model: `tiny-sd15` (the built-in random-weight demo model),
-    a diffusers folder, or a single-file `.safetensors` checkpoint."""
+    """The SD1.5-family base model: a diffusers folder or a single-file `.safetensors`
+    checkpoint."""
 
-    source: str = TINY_BASE_MODEL
+    source: str = ""
     clip_skip: int = 2
+
+    # Code, not configuration: a real base model leaves every setting to the run's config
+    # and the dataset; a subclass for a stand-in model (the demo's) may shorten runs and
+    # mark its releases as synthetic.
+    defaults: ClassVar[BaseModelDefaults] = BaseModelDefaults()
+    synthetic_demo: ClassVar[bool] = False
 
     def identity(self, store: FactoryStore) -> dict:
         """The base model's source and the sha256 of its files (cached by size and
@@ -81,14 +93,15 @@ class BaseModelResource(dg.ConfigurableResource):
         }
 
     def resolve(self, store: FactoryStore) -> Path:
-        if self.source == TINY_BASE_MODEL:
-            from lora_factory.training.tiny_sd import build_tiny_sd15
-
-            return build_tiny_sd15(store.models_dir / TINY_BASE_MODEL)
+        if not self.source:
+            raise ValueError(
+                "no base model: set BaseModelResource.source (the `base_model` resource) to an "
+                "SD1.5 .safetensors file or a diffusers folder"
+            )
         path = Path(self.source).expanduser()
         if not path.exists():
             raise FileNotFoundError(
-                f"base model {self.source!r} not found: set BaseModelResource.source to a "
-                "diffusers folder or an SD1.5 .safetensors file (or 'tiny-sd15' for the demo)"
+                f"base model {self.source!r} not found: set BaseModelResource.source to an "
+                "SD1.5 .safetensors file or a diffusers folder"
             )
         return path

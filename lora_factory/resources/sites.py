@@ -5,14 +5,11 @@ from typing import Any
 
 import dagster as dg
 
-DEMO_BOORU = "demo"
-
 
 class SiteConfig(dg.Config):
     """One image site. For a known site (danbooru, gelbooru, yandere, e621, pixiv, ...) the
     name is enough: its API, base URL and polite rate come from the site's preset.
-    `base_url: demo` is the project's own demo booru, started in-process. Credentials
-    should come from environment variables: `login=dg.EnvVar("DANBOORU_LOGIN")`."""
+    Credentials should come from environment variables: `login=dg.EnvVar("DANBOORU_LOGIN")`."""
 
     name: str
     api: str | None = None  # the API family; None: the preset's
@@ -44,8 +41,8 @@ class ImageSites(dg.ConfigurableResource):
     come from environment variables (`dg.EnvVar`) and never reach logs, metadata or
     manifests."""
 
-    # The default is the demo booru on loopback, so it may go faster than a real site.
-    sites: list[SiteConfig] = [{"name": "demo", "base_url": DEMO_BOORU, "requests_per_second": 50.0}]
+    # Real sites that need no credentials (Danbooru takes optional ones).
+    sites: list[SiteConfig] = [{"name": name} for name in ("danbooru", "yandere", "konachan", "safebooru")]
     user_agent: str = "lora_factory/0.1 (character LoRA factory)"
     max_posts_per_tag: int = 200
     timeout_s: float = 30.0
@@ -60,30 +57,17 @@ class ImageSites(dg.ConfigurableResource):
     max_frames: int = 8  # ... up to max_frames of them, each stored as its own picture
 
     def site_configs(self) -> list[SiteConfig]:
+        """The configured sites; a subclass may fill in what is known only at run time."""
         # Dagster keeps a list default as plain dicts (it cannot hold Config objects).
         return [SiteConfig(**s) if isinstance(s, dict) else s for s in self.sites]
 
     def build(self) -> tuple[dict, list[str]]:
         """(clients of the enabled sites, one message per site skipped for lack of credentials)."""
         from lora_factory.sources.base import MediaPolicy
-        from lora_factory.sources.registry import (
-            PRESETS,
-            HttpSettings,
-            SiteSettings,
-            build_clients,
-        )
+        from lora_factory.sources.registry import HttpSettings, SiteSettings, build_clients
 
-        settings = []
-        for site in self.site_configs():
-            values = site.model_dump()
-            preset = PRESETS.get(site.name)
-            if site.enabled and (site.base_url or (preset.base_url if preset else None)) == DEMO_BOORU:
-                from lora_factory.demo.service import demo_booru_url
-
-                values["base_url"] = demo_booru_url()
-            settings.append(SiteSettings(**values))
         clients, skipped = build_clients(
-            settings,
+            [SiteSettings(**site.model_dump()) for site in self.site_configs()],
             HttpSettings(self.user_agent, self.timeout_s, self.max_retries, int(self.max_download_mb * 2**20)),
             MediaPolicy(min_side=self.min_side or None, animated=self.animated, max_pixels=self.max_pixels,
                         frame_step=self.frame_step, max_frames=self.max_frames),

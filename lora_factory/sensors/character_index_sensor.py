@@ -1,7 +1,8 @@
 """Keeps the `characters` partitions in step with the index file and starts runs.
 
 The cursor holds the hash of the whole index (nothing to do when it is unchanged) and
-the hash of every row, so that only new or edited rows get a run. The run key is the
+the hash of every row, so that only new or edited rows get a run. A changed index also
+gets a run of `index_job`, so the `character_index` asset stays true to the file. The run key is the
 character key plus its row hash: Dagster never launches the same run key twice, so a
 row edited back and forth does not re-run a version it already built.
 """
@@ -13,7 +14,7 @@ import json
 import dagster as dg
 
 from lora_factory.index.character_index import index_hash
-from lora_factory.jobs import character_job
+from lora_factory.jobs import character_job, index_job
 from lora_factory.partitions import characters_partitions
 from lora_factory.resources import CharacterIndex
 
@@ -26,7 +27,7 @@ def _read_cursor(cursor: str | None) -> tuple[str | None, dict[str, str]]:
 
 
 @dg.sensor(
-    job=character_job,
+    jobs=[character_job, index_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description="Adds/removes `characters` partitions from the index and runs new or edited rows.",
@@ -56,15 +57,17 @@ def character_index_sensor(
         f"index {current_hash}: {len(to_add)} new, {len(changed)} new or edited, "
         f"{len(to_remove)} removed"
     )
+    character_runs = [
+        dg.RunRequest(
+            job_name=character_job.name,
+            partition_key=key,
+            run_key=f"{key}:{row_hashes[key]}",
+            tags={"lora_factory/row_hash": row_hashes[key]},
+        )
+        for key in changed
+    ]
     return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                partition_key=key,
-                run_key=f"{key}:{row_hashes[key]}",
-                tags={"lora_factory/row_hash": row_hashes[key]},
-            )
-            for key in changed
-        ],
+        run_requests=[dg.RunRequest(job_name=index_job.name, run_key=f"index:{current_hash}"), *character_runs],
         dynamic_partitions_requests=partition_requests,
         cursor=json.dumps({"index_hash": current_hash, "rows": row_hashes}, sort_keys=True),
     )

@@ -76,8 +76,6 @@ PRESETS: dict[str, SitePreset] = {
     "wallhaven": SitePreset("wallhaven", "https://wallhaven.cc", (".wallhaven.cc",), optional=("api_key",),
                             requests_per_second=0.7),  # 45 requests a minute
     "local": SitePreset("local_folder", ""),
-    # The project's own demo booru (loopback, so it may go fast).
-    "demo": SitePreset("danbooru", "demo", requests_per_second=50.0),
 }
 
 API_FAMILIES = ("danbooru", "gelbooru", "gelbooru_v02", "moebooru", "e621", "zerochan", "anime_pictures",

@@ -10,7 +10,7 @@ from lora_factory.vision import classifiers, detection, identity, tagger
 from lora_factory.vision.classifiers import ImageClassifier
 from lora_factory.vision.detection import YoloDetector
 from lora_factory.vision.identity import IdentityModel
-from lora_factory.vision.registry import ModelNotFoundError, ModelRegistry
+from lora_factory.vision.registry import DEFAULT_MODELS, ModelNotFoundError, ModelRegistry
 from lora_factory.vision.runtime import BatchSizes
 from lora_factory.vision.tagger import WD14Tagger
 
@@ -18,23 +18,6 @@ DETECTOR_ROLES = ("person", "halfbody", "head", "face")
 CLASSIFIER_ROLES = ("monochrome", "classification", "rating", "aesthetic")
 ROLES = ("tagger", "identity", *DETECTOR_ROLES, *CLASSIFIER_ROLES)
 
-DEFAULT_TINY_MODELS: dict[str, str] = {
-    "tagger": "tiny-tagger",
-    "identity": "tiny-identity",
-    **{role: f"tiny-{role}" for role in (*DETECTOR_ROLES, *CLASSIFIER_ROLES)},
-}
-DEFAULT_REAL_MODELS: dict[str, str] = {
-    "tagger": "wd-swinv2-tagger-v3",
-    "identity": "ccip-caformer-24-randaug-pruned",
-    "person": "person_detect_v1.1_m",
-    "halfbody": "halfbody_detect_v1.0_s",
-    "head": "head_detect_v2.0_s",
-    "face": "face_detect_v1.4_s",
-    "monochrome": "monochrome_detect",
-    "classification": "anime_classification",
-    "rating": "anime_rating",
-    "aesthetic": "anime_aesthetic",
-}
 # Confidence thresholds when neither the caller nor the model's spec gives one
 # (the defaults of the real deepghs detectors).
 DEFAULT_CONF_THRESHOLDS = {"person": 0.3, "halfbody": 0.5, "head": 0.4, "face": 0.25}
@@ -75,10 +58,10 @@ class VisionModels:
         providers: str = "auto",
         batch_sizes: Mapping[str, int] | None = None,
     ) -> VisionModels:
-        """Load every role's model; `names` overrides some roles (default: the tiny set),
+        """Load every role's model; `names` overrides some roles (default: DEFAULT_MODELS),
         `thresholds` overrides detector confidence thresholds by role, `batch_sizes`
         fixes the images per call of some roles (default: `DEFAULT_BATCH_SIZES`, by device)."""
-        names = {**DEFAULT_TINY_MODELS, **(names or {})}
+        names = {**DEFAULT_MODELS, **(names or {})}
         thresholds = dict(thresholds or {})
         batch: dict[str, int | BatchSizes] = {**DEFAULT_BATCH_SIZES, **(batch_sizes or {})}
         unknown = (set(names) | set(thresholds) | set(batch)) - set(ROLES)

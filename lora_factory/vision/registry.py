@@ -1,4 +1,4 @@
-"""Where vision models come from: a local path, a tiny model the project builds, or a
+"""Where vision models come from: a local path, a model the project builds itself, or a
 Hugging Face repository file found locally.
 
 Nothing here downloads unless `offline=False`; a model that cannot be found raises
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import shlex
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from lora_factory.storage import sha256_file
-from lora_factory.vision.tiny_models import TINY_MODEL_FILES, build_tiny_model
 
 KINDS = ("tagger", "identity", "detector", "classifier")
 
@@ -34,6 +33,8 @@ class ModelSpec:
 
     All files of a spec live in one folder of the repository; `resolve` returns that
     folder. `defaults` holds the model's recommended settings (e.g. conf_threshold).
+    A model the project builds itself has no repository but a `build(folder)` that
+    writes its files into `folder` (deterministically: it runs on every resolve).
     """
 
     name: str
@@ -43,8 +44,11 @@ class ModelSpec:
     sha256: Mapping[str, str] = field(default_factory=dict)
     kind: str = field(kw_only=True)  # one of KINDS
     defaults: Mapping[str, float] = field(default_factory=dict)
+    build: Callable[[Path], object] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
+        if (self.repo_id is None) == (self.build is None):
+            raise ValueError(f"model {self.name!r}: give either a repository or a build function")
         if self.kind not in KINDS:
             raise ValueError(f"model {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if not self.files:
@@ -65,7 +69,7 @@ class ModelSpec:
     def fetch_command(self, cache_dir: Path | None = None) -> str:
         """The command that downloads this model into the Hugging Face cache."""
         if self.repo_id is None:
-            raise ValueError(f"model {self.name!r} is built locally and has nothing to fetch")
+            raise ValueError(f"model {self.name!r} is built by the project and has nothing to fetch")
         parts = ["hf", "download", self.repo_id, *self.files, "--revision", self.revision]
         if cache_dir is not None:
             parts += ["--cache-dir", str(cache_dir)]
@@ -109,25 +113,26 @@ BUILTIN_SPECS: tuple[ModelSpec, ...] = (
          "caformer_s36_v0_focal", CLASSIFIER_FILES, "classifier"),
 )  # fmt: skip
 
-_TINY_KINDS = {"tiny-tagger": "tagger", "tiny-identity": "identity"}
-_TINY_DEFAULTS = {"tiny-person": 0.3, "tiny-head": 0.4, "tiny-face": 0.25, "tiny-halfbody": 0.5}
-TINY_SPECS: tuple[ModelSpec, ...] = tuple(
-    ModelSpec(
-        name,
-        None,
-        files,
-        kind=_TINY_KINDS.get(name, "detector" if name in _TINY_DEFAULTS else "classifier"),
-        defaults={"conf_threshold": _TINY_DEFAULTS[name]} if name in _TINY_DEFAULTS else {},
-    )
-    for name, files in TINY_MODEL_FILES.items()
-)
+# The model each role of `VisionModels` uses unless told otherwise.
+DEFAULT_MODELS: dict[str, str] = {
+    "tagger": "wd-swinv2-tagger-v3",
+    "identity": "ccip-caformer-24-randaug-pruned",
+    "person": "person_detect_v1.1_m",
+    "halfbody": "halfbody_detect_v1.0_s",
+    "head": "head_detect_v2.0_s",
+    "face": "face_detect_v1.4_s",
+    "monochrome": "monochrome_detect",
+    "classification": "anime_classification",
+    "rating": "anime_rating",
+    "aesthetic": "anime_aesthetic",
+}
 
 
 class ModelRegistry:
     """Resolves model names (or local paths) to local folders/files.
 
     - an existing local file or folder is used as it is;
-    - a tiny spec is (re)built deterministically into `models_dir/tiny/<name>/`;
+    - a spec with a build function is (re)built into `models_dir/built/<name>/`;
     - a hub spec is looked for in `models_dir/hub/<repo_id>/<files>` and then in the
       local Hugging Face cache (`hf_cache_dir`, default: the standard cache); with
       `offline=False` a missing hub file is downloaded into that cache.
@@ -137,7 +142,7 @@ class ModelRegistry:
         self,
         models_dir: Path,
         offline: bool = True,
-        specs: Iterable[ModelSpec] = (*BUILTIN_SPECS, *TINY_SPECS),
+        specs: Iterable[ModelSpec] = BUILTIN_SPECS,
         hf_cache_dir: Path | None = None,
     ):
         self.models_dir = Path(models_dir)
@@ -171,18 +176,12 @@ class ModelRegistry:
             return path
         spec = self.spec(str(name_or_path))
         with self._lock:
-            if spec.repo_id is None:
-                return self._build_tiny(spec)
-            return self._find_hub(spec)
-
-    def _build_tiny(self, spec: ModelSpec) -> Path:
-        if spec.name not in TINY_MODEL_FILES:
-            raise ModelNotFoundError(
-                f"model {spec.name!r} has no repository and is not a tiny model this project builds"
-            )
-        folder = build_tiny_model(spec.name, self.models_dir / "tiny" / spec.name)
-        self._check_sha256(spec, {f: folder / f for f in spec.files})
-        return folder
+            if spec.build is None:
+                return self._find_hub(spec)
+            folder = self.models_dir / "built" / spec.name
+            spec.build(folder)
+            self._check_sha256(spec, {f: folder / f for f in spec.files})
+            return folder
 
     def _find_hub(self, spec: ModelSpec) -> Path:
         assert spec.repo_id is not None

@@ -54,6 +54,7 @@ How they see, all inside the ONNX graph:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from collections.abc import Sequence
@@ -74,6 +75,7 @@ from lora_factory.demo.palette import (
     SKIN,
 )
 from lora_factory.storage import atomic_write_bytes
+from lora_factory.vision.registry import BUILTIN_SPECS, DEFAULT_MODELS, ModelRegistry, ModelSpec
 
 OPSET = 18
 IR_VERSION = 8
@@ -813,3 +815,28 @@ def build_tiny_model(name: str, target_dir: Path) -> Path:
 def build_tiny_models(target_dir: Path) -> dict[str, Path]:
     """Build every tiny model into `target_dir/<name>/`; returns name -> folder."""
     return {name: build_tiny_model(name, Path(target_dir) / name) for name in TINY_MODEL_NAMES}
+
+
+# ---------------------------------------------------------------------- registry
+# The tiny model of each VisionModels role, and their registry specs: built on resolve,
+# with the real detectors' confidence thresholds.
+TINY_MODELS: dict[str, str] = {role: f"tiny-{role}" for role in DEFAULT_MODELS}
+_DETECTOR_THRESHOLDS = {"tiny-person": 0.3, "tiny-head": 0.4, "tiny-face": 0.25, "tiny-halfbody": 0.5}
+TINY_SPECS: tuple[ModelSpec, ...] = tuple(
+    ModelSpec(
+        name,
+        None,
+        files,
+        kind={"tiny-tagger": "tagger", "tiny-identity": "identity"}.get(
+            name, "detector" if name in DETECTOR_LABELS else "classifier"
+        ),
+        defaults={"conf_threshold": _DETECTOR_THRESHOLDS[name]} if name in DETECTOR_LABELS else {},
+        build=functools.partial(build_tiny_model, name),
+    )
+    for name, files in TINY_MODEL_FILES.items()
+)
+
+
+def tiny_registry(models_dir: Path, **options) -> ModelRegistry:
+    """A registry that knows the real models and builds the tiny ones (`ModelRegistry`'s options)."""
+    return ModelRegistry(models_dir, specs=(*BUILTIN_SPECS, *TINY_SPECS), **options)

@@ -5,9 +5,11 @@ disk names itself. Each test damages a copy of one fully built home, then runs t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -319,7 +321,10 @@ def test_lineage_declares_every_file_an_asset_reads():
 def test_a_changed_upstream_marks_its_consumers_stale(built, home):
     """Dagster's own staleness (what the UI shows): new captions make every asset that
     reads them stale, and nothing upstream of them."""
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.data_version import (
+        CachingStaleStatusResolver,
+        StaleStatus,
+    )
     from dagster._core.loader import LoadingContextForTest
 
     from lora_factory.definitions import defs
@@ -340,3 +345,56 @@ def test_a_changed_upstream_marks_its_consumers_stale(built, home):
     for name in ("buckets", "lora_checkpoints", "recscore_table", "chosen_model"):
         assert status[name] == StaleStatus.STALE, (name, status)
     assert status["cleaned_crops"] == StaleStatus.FRESH
+
+
+def test_releases_are_readable_by_others(built):
+    """Files 0644 and folders 0755 under the usual umask (temp files start as 0600)."""
+    _, home = built
+    release = ChosenModelFiles(FactoryStore(home), CHARACTER).release_dir
+    for path in [release, *release.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+RACE_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+import dagster as dg
+from test_factory_chain import failure_message, run_chain
+gate = Path(sys.argv[2])
+(gate / f"ready-{os.getpid()}").touch()
+while not (gate / "go").exists():  # both processes start their runs together
+    time.sleep(0.01)
+with dg.DagsterInstance.get() as instance:
+    result = run_chain(instance, sys.argv[1], selection=["raw_scrape", "matched_tags"])
+print("ok" if result.success else failure_message(result))
+"""
+
+
+def test_two_real_runs_of_one_character_one_builds_the_other_fails_at_once(built, home, tmp_path):
+    """Two processes start a run of the same character on one instance at the same moment:
+    one builds, the other fails at once naming it, and nothing stored is damaged."""
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:  # create the SQLite schema once
+        instance.add_dynamic_partitions("characters", [CHARACTER])
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
+    tests_dir = Path(__file__).parent
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE_SCRIPT, str(home), str(tmp_path)],
+            cwd=tests_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        for _ in range(2)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outputs = sorted(p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in processes)
+    assert outputs[1] == "ok", outputs
+    assert "is already being built by run" in outputs[0], outputs
+    store = FactoryStore(home)
+    for asset in ("raw_scrape", "matched_tags"):
+        stamp = StampBook(store).read(asset, CHARACTER)
+        assert damaged_outputs(store.root, store.blobs, stamp) == [], asset

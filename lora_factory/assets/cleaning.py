@@ -30,12 +30,6 @@ class CleanedCropsFiles(AssetFiles):
     def crops(self) -> pd.DataFrame:
         return self.read_table()
 
-    def drops(self) -> pd.DataFrame:
-        return self.read_table("drops")
-
-    def quarantine(self) -> pd.DataFrame:
-        return self.read_table("quarantine")
-
     def images(self, hashes: Iterable[str]) -> Iterator[Image.Image]:
         """Crop images as RGB, one at a time; each blob is checked against its sha256."""
         return self.store.blobs.images(hashes)

@@ -101,9 +101,6 @@ class BucketsFiles(AssetFiles):
     def table(self) -> pd.DataFrame:
         return self.read_table()
 
-    def groups(self) -> pd.DataFrame:
-        return self.read_table("groups")
-
     def meta(self) -> dict[str, Any]:
         return read_json(self.verified(self.folder / "meta.json"))
 

@@ -48,9 +48,6 @@ class MatchedTagsFiles(AssetFiles):
 
     asset = "matched_tags"
 
-    def decisions(self) -> pd.DataFrame:
-        return self.read_table()
-
     def posts(self) -> pd.DataFrame:
         return self.read_table("posts")
 

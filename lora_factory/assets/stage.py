@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import dagster as dg
 import pandas as pd
+from dagster._core.launcher import WorkerStatus
 from PIL import Image
 
 from lora_factory.partitions import characters_partitions
@@ -32,6 +33,7 @@ from lora_factory.provenance import (
     record_files,
 )
 from lora_factory.resources import FactoryStorage
+from lora_factory.run_health import check_run_worker
 from lora_factory.storage import (
     DamagedFileError,
     FactoryStore,
@@ -76,10 +78,10 @@ class AssetFiles:
 
     def written_files(self) -> list[Path]:
         tables = self.store.root / "tables" / self.asset
-        files = [p for p in (tables.glob(f"{self.key}.parquet")) if p.is_file()]
+        files = [p for p in tables.glob(f"{self.key}.parquet") if p.is_file()]
         files += [p for p in tables.glob(f"{self.key}.*.parquet") if p.is_file()]
         for root in (self.folder, *(self.store.root / r.format(key=self.key) for r in self.extra_roots)):
-            files += [p for p in _visible_files(root)]
+            files += _visible_files(root)
         return files
 
     def relative(self, path: Path) -> str:
@@ -157,9 +159,6 @@ def claim_partition(store: FactoryStore, key: str, run_id: str, run_is_live: Cal
 def _instance_run_is_live(instance: dg.DagsterInstance) -> Callable[[str], bool]:
     """A run is live while the instance has it in progress and its worker (when it ran on
     this host) has not died; a dead one is failed later by run monitoring."""
-    from dagster._core.launcher import WorkerStatus
-
-    from lora_factory.run_health import check_run_worker
 
     def live(run_id: str) -> bool:
         run = instance.get_run_by_id(run_id)

@@ -4,7 +4,6 @@ torch and Lightning are imported inside the asset (see assets/dataset.py for why
 """
 
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -47,11 +46,6 @@ class LoraCheckpointsFiles(AssetFiles):
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         return [(int(step), self.checkpoint(step)) for step in self.table()["step"]]
-
-    def run_config(self) -> dict[str, Any]:
-        from lora_factory.training.train import MANIFEST_NAME
-
-        return read_json(self.verified(self.folder / MANIFEST_NAME))["config"]
 
 
 @character_asset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -34,14 +35,17 @@ def evaluate(instance, index_path: Path, cursor: str | None):
         resources={"character_index": CharacterIndex(index_path=str(index_path))},
     )
     result = character_index_sensor(context)
+    if isinstance(result, dg.SensorResult) and result.skip_reason:
+        return dg.SkipReason(result.skip_reason.skip_message)  # nothing to start (the cursor moved)
     if isinstance(result, dg.SensorResult):
         # A changed index always refreshes the `character_index` table first.
-        assert result.run_requests[0].job_name == "index_job"
-        result = dg.SensorResult(
-            run_requests=result.run_requests[1:],
-            dynamic_partitions_requests=result.dynamic_partitions_requests,
-            cursor=result.cursor,
-        )
+        if result.dynamic_partitions_requests or result.run_requests[0].job_name == "index_job":
+            assert result.run_requests[0].job_name == "index_job"
+            result = dg.SensorResult(
+                run_requests=result.run_requests[1:],
+                dynamic_partitions_requests=result.dynamic_partitions_requests,
+                cursor=result.cursor,
+            )
         for request in result.dynamic_partitions_requests or []:
             if isinstance(request, dg.AddDynamicPartitionsRequest):
                 instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
@@ -106,3 +110,31 @@ def test_invalid_index_fails_with_the_row_and_the_fix(instance, tmp_path):
     write_index(index, [{"key": "Bad Key", "display_name": "X", "franchise": "y"}])
     with pytest.raises(ValueError, match=r"row 1: key 'Bad Key' must be a lowercase slug"):
         evaluate(instance, index, cursor=None)
+
+
+def test_unchanged_file_is_not_even_read(instance, tmp_path, monkeypatch):
+    index = tmp_path / "index.yaml"
+    write_index(index, ROWS)
+    first = evaluate(instance, index, cursor=None)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("an unchanged index must cost a stat, not a read")
+
+    monkeypatch.setattr("lora_factory.resources.index.read_index", no_read)
+    assert isinstance(evaluate(instance, index, cursor=first.cursor), dg.SkipReason)
+
+
+def test_many_new_rows_add_every_partition_and_request_runs_in_batches(instance, tmp_path, monkeypatch):
+    # The package re-exports the sensor under its module's name: patch the module itself.
+    monkeypatch.setattr(sys.modules["lora_factory.sensors.character_index_sensor"], "RUNS_PER_TICK", 2)
+    rows = [{"key": f"char_{n}", "display_name": f"Char {n}", "franchise": "demo"} for n in range(5)]
+    index = tmp_path / "index.yaml"
+    write_index(index, rows)
+    requested, cursor = [], None
+    for _ in range(3):
+        result = evaluate(instance, index, cursor=cursor)
+        requested += [request.partition_key for request in result.run_requests]
+        cursor = result.cursor
+        assert len(partitions(instance)) == 5  # all partitions from the first tick on
+    assert requested == [f"char_{n}" for n in range(5)]
+    assert isinstance(evaluate(instance, index, cursor=cursor), dg.SkipReason)

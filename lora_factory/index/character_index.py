@@ -7,10 +7,12 @@ re-runs and an unchanged one does not.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -54,6 +56,10 @@ class CharacterRow:
 
     def content_hash(self) -> str:
         """Stable hash of everything that defines the row (not of its formatting)."""
+        return self._content_hash
+
+    @functools.cached_property
+    def _content_hash(self) -> str:  # a sensor tick asks for every row's hash twice
         canonical = json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
@@ -283,31 +289,75 @@ def parse_index(
 
 def load_index(path: Path | str, reference_root: Path | str | None = None) -> list[CharacterRow]:
     """The index file's rows; see parse_index (relative reference_images are read from its folder)."""
+    return list(read_index(path, reference_root).rows)
+
+
+def file_signature(path: Path | str) -> tuple[int, int]:
+    """(size, modification time in ns): what tells, without reading it, that a file changed."""
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    """One version of the index file, parsed: its rows, looked up by key."""
+
+    signature: tuple[int, int]
+    sha256: str
+    rows: tuple[CharacterRow, ...]
+    by_key: dict[str, CharacterRow] = field(repr=False, compare=False)
+
+    def row(self, key: str) -> CharacterRow:
+        try:
+            return self.by_key[key]
+        except KeyError:
+            raise CharacterIndexError(
+                f"character {key!r} is not in the index (it has {len(self.rows)} rows); "
+                "add it, or remove the partition"
+            ) from None
+
+    def enabled_rows(self) -> list[CharacterRow]:
+        return [row for row in self.rows if row.enabled]
+
+
+# One parsed snapshot per index file and reference root in this process: parsing 10,000
+# rows costs about a second, and every asset of a run and every sensor tick needs rows.
+_snapshots: dict[tuple[str, str], IndexSnapshot] = {}
+_snapshots_lock = threading.Lock()
+
+
+def read_index(path: Path | str, reference_root: Path | str | None = None) -> IndexSnapshot:
+    """The index at `path`, parsed once per process for each version of the file: an
+    unchanged size and modification time cost one stat; changed ones with the same bytes
+    cost one read and one hash; only new bytes are parsed again."""
     path = Path(path)
     if not path.is_file():
         raise CharacterIndexError(
             f"character index {path} not found: set `index_path` in the CharacterIndex "
             "resource, or LF_INDEX_PATH, to your YAML file"
         )
-    return parse_index(
-        path.read_text(encoding="utf-8"),
-        source=str(path),
-        index_dir=path.parent,
-        reference_root=reference_root,
-    )
+    cache_key = (str(path.resolve()), str(reference_root))
+    signature = file_signature(path)
+    with _snapshots_lock:
+        cached = _snapshots.get(cache_key)
+        if cached is not None and cached.signature == signature:
+            return cached
+        data = path.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        if cached is not None and cached.sha256 == sha256:
+            snapshot = replace(cached, signature=signature)
+        else:
+            rows = tuple(
+                parse_index(
+                    data.decode("utf-8"), source=str(path), index_dir=path.parent, reference_root=reference_root
+                )
+            )
+            snapshot = IndexSnapshot(signature, sha256, rows, {row.key: row for row in rows})
+        _snapshots[cache_key] = snapshot
+        return snapshot
 
 
 def index_hash(rows: list[CharacterRow]) -> str:
     """Hash of the whole index (the sensor's cursor)."""
     joined = "\n".join(f"{row.key}:{row.content_hash()}" for row in rows)
     return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
-
-
-def find_row(rows: list[CharacterRow], key: str) -> CharacterRow:
-    for row in rows:
-        if row.key == key:
-            return row
-    raise CharacterIndexError(
-        f"character {key!r} is not in the index (it has {len(rows)} rows); "
-        "add it, or remove the partition"
-    )

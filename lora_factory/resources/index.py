@@ -3,28 +3,39 @@ import dagster as dg
 from lora_factory.index.character_index import (
     CharacterIndexError,
     CharacterRow,
-    find_row,
-    load_index,
+    IndexSnapshot,
+    file_signature,
+    read_index,
 )
 
 
 class CharacterIndex(dg.ConfigurableResource):
-    """The character index file (YAML)."""
+    """The character index file (YAML), parsed once per process and version of the file."""
 
     index_path: str = ""
     # The folder absolute `reference_images` must be in; None: the index file's folder.
     reference_root: str | None = None
 
-    def rows(self) -> list[CharacterRow]:
+    def _path(self) -> str:
         if not self.index_path:
             raise CharacterIndexError(
                 "no character index: set LF_INDEX_PATH (or `index_path` in the CharacterIndex "
                 "resource) to your index YAML file"
             )
-        return load_index(self.index_path, reference_root=self.reference_root)
+        return self.index_path
+
+    def signature(self) -> tuple[int, int]:
+        """The file's (size, modification time): a stat, no read."""
+        return file_signature(self._path())
+
+    def snapshot(self) -> IndexSnapshot:
+        return read_index(self._path(), reference_root=self.reference_root)
+
+    def rows(self) -> list[CharacterRow]:
+        return list(self.snapshot().rows)
 
     def enabled_rows(self) -> list[CharacterRow]:
-        return [row for row in self.rows() if row.enabled]
+        return self.snapshot().enabled_rows()
 
     def row(self, key: str) -> CharacterRow:
-        return find_row(self.rows(), key)
+        return self.snapshot().row(key)

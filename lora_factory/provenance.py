@@ -45,6 +45,7 @@ class Stamp:
     summary: dict[str, Any]
     files: dict[str, FileRecord] = field(default_factory=dict)  # home-relative path -> record
     blobs: tuple[str, ...] = ()  # sha256 of every blob the outputs point to
+    run_id: str = ""  # the Dagster run that built it
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Stamp:
@@ -55,6 +56,7 @@ class Stamp:
             summary=value["summary"],
             files={path: FileRecord(**record) for path, record in value.get("files", {}).items()},
             blobs=tuple(value.get("blobs", ())),
+            run_id=value.get("run_id", ""),
         )
 
 
@@ -132,6 +134,7 @@ class StampBook:
         summary: dict,
         files: dict[str, FileRecord],
         blobs: tuple[str, ...] = (),
+        run_id: str = "",
     ) -> Stamp:
         stamp = Stamp(
             fingerprint=fingerprint_,
@@ -140,6 +143,7 @@ class StampBook:
             summary=summary,
             files=files,
             blobs=tuple(sorted(set(blobs))),
+            run_id=run_id,
         )
         atomic_write_json(self.path(asset, partition), asdict(stamp))
         return stamp

@@ -1,8 +1,9 @@
 """Pictures for run metadata: contact sheets, checkpoint x prompt grids, metric curves.
 
 Dagster has no image metadata type, but its UI renders markdown, and markdown accepts
-PNGs embedded as data URIs. Those URIs live in the event log database, so every PNG made
-here is kept under a byte budget (downscaled until it fits) rather than at full size.
+pictures embedded as data URIs. Those URIs live in the event log database, so every PNG
+made here is kept under a byte budget (downscaled until it fits), and `markdown_image`
+embeds it as lossy WebP, a few tens of KB.
 Pure PIL/matplotlib: no Dagster, no GUI backend.
 """
 
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 # A few of these per materialization are fine in the event log; megabytes are not.
 DEFAULT_MAX_PNG_BYTES = 300_000
+DEFAULT_MAX_INLINE_BYTES = 60_000  # per picture embedded in metadata
 LABEL_HEIGHT = 14
 ROW_LABEL_WIDTH = 110
 BACKGROUND = (255, 255, 255)
@@ -127,14 +129,24 @@ def metric_curve_png(
     return shrink_png(buffer.getvalue(), max_bytes)
 
 
-def markdown_image(png: bytes, alt: str, max_bytes: int = DEFAULT_MAX_PNG_BYTES) -> str:
-    """Markdown that shows `png` inline: `![alt](data:image/png;base64,...)`."""
+def markdown_image(png: bytes, alt: str, max_bytes: int = DEFAULT_MAX_INLINE_BYTES) -> str:
+    """Markdown that shows `png` inline, compactly: `![alt](data:image/webp;base64,...)`.
+
+    The picture is re-encoded as lossy WebP (quality 80) and downscaled until it fits in
+    `max_bytes`: a few tens of KB per picture in the event log instead of a PNG's hundreds.
+    """
     if not png.startswith(b"\x89PNG\r\n\x1a\n"):
         raise ValueError("markdown_image expects PNG bytes (e.g. from contact_sheet_png)")
-    png = shrink_png(png, max_bytes)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    while True:
+        buffer = io.BytesIO()
+        image.save(buffer, format="WEBP", quality=80, method=4)
+        if buffer.tell() <= max_bytes or min(image.size) <= 16:
+            break
+        image = image.resize((max(1, image.width * 3 // 4), max(1, image.height * 3 // 4)), Image.LANCZOS)
     # Brackets would end the alt text early; newlines would break the markdown line.
     safe_alt = " ".join(alt.replace("[", "(").replace("]", ")").split())
-    return f"![{safe_alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+    return f"![{safe_alt}](data:image/webp;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')})"
 
 
 def encode_png(image: Image.Image, max_bytes: int = DEFAULT_MAX_PNG_BYTES) -> bytes:

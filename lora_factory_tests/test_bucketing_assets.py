@@ -97,7 +97,7 @@ def test_captions_metadata_shows_captions_core_tags_and_clusters(runs):
     clusters = [r.data for r in meta["outfit_clusters"].records]
     assert sorted(c["tags"] for c in clusters) == ["green_dress", "navy_jacket, beige_skirt"]
     assert [c["images"] for c in clusters] == [6, 6]
-    assert meta["outfit_cluster_sheets"].count("data:image/png;base64,") == 2
+    assert meta["outfit_cluster_sheets"].count("data:image/webp;base64,") == 2
     captions_shown = [r.data["caption"] for r in meta["captions"].records]
     assert len(captions_shown) == 3 * PICTURES
     assert all(c.startswith("ash ek") and "red hair" not in c for c in captions_shown)

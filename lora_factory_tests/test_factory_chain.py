@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import dagster as dg
+from dagster._serdes import serialize_value
 import pytest
 from safetensors import safe_open
 
@@ -90,7 +91,7 @@ def test_full_chain_builds_a_release(factory):
     assert drops.get("identity_outlier", 0) >= 1  # wrong-character posts, other people
     assert drops.get("monochrome", 0) >= 1
     assert drops.get("near_duplicate", 0) >= 1
-    assert "data:image/png;base64," in crops["contact_sheet"]
+    assert "data:image/webp;base64," in crops["contact_sheet"]
 
     matched = read_table(home / "tables" / "matched_tags" / f"{CHARACTER}.parquet")
     outcomes = dict(zip(matched["tag"], matched["outcome"]))
@@ -118,7 +119,7 @@ def test_full_chain_builds_a_release(factory):
         assert (release / name).is_file(), name
     meta = json.loads((release / "meta.json").read_text())
     assert meta["step"] == chosen["chosen_step"] and meta["synthetic_demo"] is True
-    assert "data:image/png;base64," in metadata["recscore_table"]["preview_grid"]
+    assert "data:image/webp;base64," in metadata["recscore_table"]["preview_grid"]
 
 
 def test_second_run_reuses_everything(factory):
@@ -127,6 +128,20 @@ def test_second_run_reuses_everything(factory):
     metadata = metadata_by_asset(second)
     assert metadata["raw_scrape"]["new_posts"] == 0
     assert all(metadata[name]["reused"] for name in CHAIN[1:])
+    # A reused materialization names the run that built it instead of storing its tables
+    # and pictures again: a few KB per asset in the event log.
+    _, _, first, _ = factory
+    assert all(first.run_id in metadata[name]["reused_from"] for name in CHAIN[1:])
+    built, reused = event_sizes(first), event_sizes(second)
+    print("materialization event bytes, built -> reused:", {n: (built[n], reused[n]) for n in CHAIN})
+    assert all(reused[name] < 5_000 for name in CHAIN[1:]), reused
+
+
+def event_sizes(result) -> dict[str, int]:
+    return {
+        event.asset_key.to_user_string(): len(serialize_value(event.event_specific_data.materialization))
+        for event in result.get_asset_materialization_events()
+    }
 
 
 def test_missing_model_fails_with_the_fetch_command(factory, tmp_path):

@@ -266,6 +266,7 @@ class Stage:
             summary,
             record_files(self.store.root, self.files.written_files()),
             tuple(blobs),
+            run_id=self.context.run.run_id,
         )
         return self.stamp
 
@@ -276,6 +277,14 @@ class Stage:
     ) -> dg.MaterializeResult:
         if self.stamp is None:
             raise RuntimeError(f"{self.asset}[{self.key}] finished without writing its stamp")
+        if self.reused is not None:
+            # The same tables and pictures are on the materialization that built it: name
+            # that one instead of storing them again (the event log grows by a few KB).
+            metadata = {name: value for name, value in metadata.items() if not _bulky(value)}
+            metadata["reused_from"] = dg.MetadataValue.md(
+                f"unchanged since run [{self.stamp.run_id[:8]}](/runs/{self.stamp.run_id}) at "
+                f"{self.stamp.made_at}: its tables and pictures are on that materialization"
+            )
         return dg.MaterializeResult(
             metadata={
                 **metadata,
@@ -287,6 +296,16 @@ class Stage:
             data_version=dg.DataVersion(self.stamp.output_hash),
             check_results=check_results,
         )
+
+
+def _bulky(value: Any) -> bool:
+    """Tables, pictures and long texts (a model card): what a reused materialization does
+    not store again."""
+    if isinstance(value, dg.TableMetadataValue):
+        return True
+    return isinstance(value, dg.MarkdownMetadataValue) and (
+        "data:image/" in value.md_str or len(value.md_str) > 1_000
+    )
 
 
 def headline(error: BaseException) -> str:

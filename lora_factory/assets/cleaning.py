@@ -137,9 +137,11 @@ def cleaned_crops(
     drops = read_table(drops_path)
     quarantine = read_table(quarantine_path)
     sample = crops.head(48)
-    sheet = contact_sheet_png(
-        list(stage.images(sample["crop_sha256"])), labels=list(sample["kind"]), thumb=96, cols=8
-    )
+
+    def contact_sheet() -> str:
+        images = list(stage.images(sample["crop_sha256"]))
+        return markdown_image(contact_sheet_png(images, labels=list(sample["kind"]), thumb=96, cols=8), "crops")
+
     purity = float(stage.stamp.summary["purity"])
     # Asked on every run, reused or not: other characters' crops change independently.
     distance = {} if config.cross_character_distance is None else {"threshold": config.cross_character_distance}
@@ -166,8 +168,8 @@ def cleaned_crops(
             "drops_by_reason": counts_metadata(drops["reason"].value_counts().to_dict()),
             "quarantined": len(quarantine),
             "quarantine": table_metadata(quarantine),
-            "contact_sheet": dg.MetadataValue.md(markdown_image(sheet, "crops")),
             "crops": table_metadata(crops, max_rows=30),
         },
         check_results=checks,
+        pictures={"contact_sheet": contact_sheet},
     )

@@ -230,13 +230,13 @@ def captions(
             "core_tags": dg.MetadataValue.md(", ".join(f"`{t}`" for t in summary.core_tags)),
             "core_tag_shares": table_metadata(core),
             "outfit_clusters": table_metadata(_listed(clusters)),
-            "outfit_cluster_sheets": dg.MetadataValue.md(_cluster_sheets(stage, table, clusters)),
             "top_tags": table_metadata(top),
             "captions": table_metadata(
                 table[["crop_sha256", "kind", "cluster", "caption"]], max_rows=100
             ),
             "tagger": dg.MetadataValue.json(summary.tagger),
-        }
+        },
+        pictures={"outfit_cluster_sheets": lambda: _cluster_sheets(stage, table, clusters)},
     )
 
 

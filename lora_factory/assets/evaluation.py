@@ -161,10 +161,12 @@ def recscore_table(
             "dagster/row_count": len(table),
             "recscore": table_metadata(table),
             "best_score": float(table["score"].max()),
-            "preview_grid": dg.MetadataValue.md(markdown_image(grid_path.read_bytes(), "previews")),
-            "recscore_curve": dg.MetadataValue.md(markdown_image(curve_path.read_bytes(), "curve")),
             "previews_dir": dg.MetadataValue.path(stage.files.relative(out_dir)),
-        }
+        },
+        pictures={
+            "preview_grid": lambda: markdown_image(grid_path.read_bytes(), "previews"),
+            "recscore_curve": lambda: markdown_image(curve_path.read_bytes(), "curve"),
+        },
     )
 
 
@@ -236,9 +238,7 @@ def chosen_model(
             "score": float(chosen["score"]),
             "selection_rule": selection_rule_text(config.beta),
             "release_dir": dg.MetadataValue.path(stage.files.relative(release_dir)),
-            "metrics_plot": dg.MetadataValue.md(
-                markdown_image((release_dir / METRICS_FILE).read_bytes(), "metrics")
-            ),
             "model_card": dg.MetadataValue.md((release_dir / MODEL_CARD).read_text()),
-        }
+        },
+        pictures={"metrics_plot": lambda: markdown_image((release_dir / METRICS_FILE).read_bytes(), "metrics")},
     )

@@ -274,10 +274,15 @@ class Stage:
         self,
         metadata: dict[str, Any],
         check_results: list[dg.AssetCheckResult] | None = None,
+        pictures: dict[str, Callable[[], str]] | None = None,
     ) -> dg.MaterializeResult:
+        """The materialization. `pictures` (name -> markdown maker) are drawn only for a
+        build: a reused result's pictures are on the materialization that built it."""
         if self.stamp is None:
             raise RuntimeError(f"{self.asset}[{self.key}] finished without writing its stamp")
-        if self.reused is not None:
+        if self.reused is None:
+            metadata = {**metadata, **{name: dg.MetadataValue.md(draw()) for name, draw in (pictures or {}).items()}}
+        else:
             # The same tables and pictures are on the materialization that built it: name
             # that one instead of storing them again (the event log grows by a few KB).
             metadata = {name: value for name, value in metadata.items() if not _bulky(value)}

@@ -76,7 +76,9 @@ defs = dg.Definitions(
     ],
     jobs=[character_job, index_job],
     sensors=[character_index_sensor],
-    # Records each run's worker process so run monitoring can fail runs whose worker died.
+    # For the UI's Materialize and asset backfills (the implicit asset job): in-process like
+    # the jobs, recording each run's worker process so run monitoring can fail runs whose
+    # worker died.
     executor=monitored_executor,
     resources=deployment_resources(os.environ.get("LF_DEPLOYMENT") or "demo"),
 )

@@ -7,7 +7,12 @@ character_job = dg.define_asset_job(
     name="character_job",
     selection=dg.AssetSelection.groups("dataset", "training", "evaluation"),
     description="Build one character's LoRA end to end (one partition = one character).",
-    # Records the run worker, so run monitoring can fail the run if that process dies.
+    # In-process by default: all stages run in the run worker, one after another, so a
+    # run whose every stage is reused takes seconds instead of a process start and an
+    # import of torch & co. per stage (measurements in run_health.py). Only the GPU steps
+    # (`lora_checkpoints`, `recscore_table`) take a slot of the `gpu` pool, at op
+    # granularity, so other characters' data stages run meanwhile. Records the run worker,
+    # so run monitoring can fail the run if that process dies.
     executor_def=monitored_executor,
 )
 

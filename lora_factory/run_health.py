@@ -6,13 +6,18 @@ worker died without reporting (a killed `execute_in_process` run such as `make d
 a daemon-launched run whose code server died with it) would stay STARTED forever and hold
 its `gpu` pool slot. So every run records its worker (host, pid, process start time) in a
 run tag, and `MonitoredRunLauncher` checks that process. The instance yamls use it.
+
+`monitored_executor` is the executor of every job here: in-process by default (the
+reasons are at its definition), multiprocess by run config.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +32,7 @@ from dagster import (
     DefaultRunLauncher,
     Executor,
     ExecutorDefinition,
+    Field,
     RunsFilter,
     multi_or_in_process_executor,
 )
@@ -114,6 +120,12 @@ def check_run_worker(run: DagsterRun) -> CheckRunHealthResult:
     return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker {worker} died")
 
 
+def free_pool_slots(instance: DagsterInstance, run_id: str) -> None:
+    """Free the op-granularity pool slots (`gpu`) a run's steps claimed or wait for."""
+    if instance.event_log_storage.supports_global_concurrency_limits:
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+
+
 def fail_dead_runs(instance: DagsterInstance) -> list[str]:
     """Mark STARTED runs whose worker died as failed, as run monitoring would; their ids."""
     failed = []
@@ -121,9 +133,7 @@ def fail_dead_runs(instance: DagsterInstance) -> list[str]:
         health = check_run_worker(run)
         if health.status == WorkerStatus.FAILED:
             instance.report_run_failed(run, f"The {health.msg}; marking the run failed.")
-            if instance.event_log_storage.supports_global_concurrency_limits:
-                # Op-granularity pool slots; at run granularity the failure alone frees the pool.
-                instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            free_pool_slots(instance, run.run_id)
             failed.append(run.run_id)
     return failed
 
@@ -136,7 +146,28 @@ class MonitoredRunLauncher(DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
-        return check_run_worker(run)
+        health = check_run_worker(run)
+        if health.status == WorkerStatus.FAILED:
+            # Run monitoring marks the run failed on this answer (DefaultRunLauncher cannot
+            # resume runs), but frees the step's `gpu` slot only `free_slots_after_run_end_seconds`
+            # later, on a later poll. The worker is gone, so nothing uses the slot: free it now.
+            free_pool_slots(self._instance, run.run_id)
+        return health
+
+
+def release_cached_gpu_memory() -> bool:
+    """Hand the GPU memory torch keeps cached in this process back; whether there was any.
+
+    In-process, a run's GPU steps share the run worker: without this, a run whose
+    `recscore_table` waits for the `gpu` slot would keep what `lora_checkpoints` cached
+    (gigabytes) while another run trains on that GPU. Only its CUDA context stays.
+    """
+    torch = sys.modules.get("torch")  # never imports torch itself
+    if torch is None or not torch.cuda.is_initialized():
+        return False
+    gc.collect()  # Lightning's trainer and diffusers' pipelines hold tensors in cycles
+    torch.cuda.empty_cache()
+    return True
 
 
 class _WorkerRecordingExecutor(Executor):
@@ -147,7 +178,11 @@ class _WorkerRecordingExecutor(Executor):
         # Runs in the run worker (the orchestrating process), before any step.
         worker = RunWorker.current(plan_context.run_id)
         plan_context.instance.add_run_tags(plan_context.run_id, worker.tags())
-        yield from self._inner.execute(plan_context, execution_plan)
+        for event in self._inner.execute(plan_context, execution_plan):
+            yield event
+            if event.is_step_success or event.is_step_failure:
+                # In-process: before the executor frees the step's pool slot on this event.
+                release_cached_gpu_memory()
 
     @property
     def retries(self):
@@ -158,15 +193,33 @@ class _WorkerRecordingExecutor(Executor):
         return self._inner.step_dependency_config
 
 
-# Dagster's default executor (multiprocess, or in_process by run config), recording the
-# run worker for the health check. `execute_in_process` ignores a job's executor: pass
+# Dagster's default executor with in_process as the default (multiprocess by run config),
+# recording the run worker for the health check.
+#
+# Why in-process: the multiprocess executor starts a fresh Python process per step, and
+# each imports Dagster, the code location and its stage's libraries (torch, onnxruntime,
+# lancedb, ...) again. A daemon-launched `character_job` run whose 8 stages are all
+# reused (demo home, 2 shared cores, run start to end) took 31-43 s multiprocess, 12-16 s
+# multiprocess with a forkserver preloading those modules (it imports them all once per
+# run, then every step still builds its context in a new process and uses ~1.5 GB), and
+# 3.5-5 s in-process. A character's stages form a chain, so running them one after another
+# loses no parallelism; characters run side by side as separate runs. A run worker killed
+# mid-step (OOM, SIGKILL) fails its run through the health check, and run retries retry
+# it (a step process dying under multiprocess is a step failure, which is not retried).
+# A step in pool `gpu` waits inside its run for a slot (op granularity) and frees it when
+# it ends; the GPU memory it cached goes back first (`release_cached_gpu_memory`).
+# `execute_in_process` ignores a job's executor (it is always in-process): pass
 # `**in_process_run_args()` there instead.
+_MULTI_OR_IN_PROCESS = multi_or_in_process_executor.config_schema.as_field()
 monitored_executor = ExecutorDefinition(
-    name="monitored_multi_or_in_process_executor",
-    config_schema=multi_or_in_process_executor.config_schema,
+    name="monitored_executor",
+    config_schema=Field(_MULTI_OR_IN_PROCESS.config_type, default_value={"in_process": {}}),
     requirements=multi_or_in_process_executor.get_requirements,
     executor_creation_fn=lambda init_context: _WorkerRecordingExecutor(
         multi_or_in_process_executor.executor_creation_fn(init_context)
     ),
-    description="The default executor; records the run worker for run monitoring.",
+    description=(
+        "Dagster's default executor, in_process by default (multiprocess by run config); "
+        "records the run worker for run monitoring."
+    ),
 )

@@ -7,85 +7,37 @@ short intervals) and a `make demo` run, each SIGKILLed mid-run.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import dagster as dg
 import psutil
-import pytest
-import yaml
+from daemon_harness import (
+    REPO_ROOT,
+    WAIT_S,
+    kill_tree,
+    run_with_key,
+    start_daemon,
+    wait_for,
+    write_instance,
+)
 from dagster._core.launcher import WorkerStatus
 
 from lora_factory.run_health import RunWorker, check_run_worker
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED_INSTANCE = REPO_ROOT / "lora_factory" / "embedded_instance.yaml"
 LOCATION = Path(__file__).with_name("dead_run_location.py")
-DAGSTER_DAEMON = Path(sys.executable).with_name("dagster-daemon")
-WAIT_S = 120  # generous: the machine's 2 cores are shared
-
-
-@pytest.fixture()
-def started():
-    """Processes a test starts; each is stopped afterwards with all its descendants."""
-    processes: list[psutil.Popen] = []
-    yield processes
-    tree = []
-    for process in processes:
-        try:
-            tree += [process, *process.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-    for process in tree:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
-def kill_tree(process: psutil.Process) -> list[int]:
-    """SIGKILL a process and all its descendants at once; their pids."""
-    tree = [process, *process.children(recursive=True)]
-    for member in tree:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
-    return [member.pid for member in tree]
-
-
-def wait_for(what: str, condition, log: Path | None = None):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    tail = log.read_text()[-4000:] if log and log.exists() else ""
-    pytest.fail(f"timed out after {WAIT_S} s waiting for {what}\n{tail}")
-
-
-def run_with_key(instance: dg.DagsterInstance, run_key: str) -> dg.DagsterRun | None:
-    runs = instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": run_key}))
-    return runs[0] if runs else None
 
 
 def step_started(instance: dg.DagsterInstance, run: dg.DagsterRun | None) -> bool:
     return run is not None and bool(
         instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
     )
+
+
+def gpu_slot_holders(instance: dg.DagsterInstance) -> set[str]:
+    return instance.event_log_storage.get_concurrency_info("gpu").active_run_ids
 
 
 def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
@@ -95,26 +47,11 @@ def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
 
 def test_daemon_fails_a_killed_run_and_launches_the_queued_one(tmp_path, started):
     home = tmp_path / "dagster_home"
-    home.mkdir()
-    config = yaml.safe_load(EMBEDDED_INSTANCE.read_text())
-    config["run_monitoring"]["poll_interval_seconds"] = 1
-    config["run_coordinator"]["config"] = {"dequeue_interval_seconds": 1}
-    config["run_retries"] = {"enabled": False}  # a retry of the killed run is not under test
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    write_instance(home)
     log = tmp_path / "daemon.log"
 
-    def start_daemon() -> psutil.Popen:
-        with log.open("a") as out:
-            daemon = psutil.Popen(
-                [str(DAGSTER_DAEMON), "run", "-f", str(LOCATION)],
-                cwd=REPO_ROOT,
-                env={**os.environ, "DAGSTER_HOME": str(home)},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        started.append(daemon)
-        return daemon
+    def start() -> psutil.Popen:
+        return start_daemon(LOCATION, home, log, started)
 
     def held_run_in_its_step() -> dg.DagsterRun | None:
         run = run_with_key(instance, "held")
@@ -124,13 +61,15 @@ def test_daemon_fails_a_killed_run_and_launches_the_queued_one(tmp_path, started
         # As on any instance that has queued a `gpu` run before: Dagster learns a pool's
         # default limit on the first dequeue that sees it and enforces it from the next.
         instance.event_log_storage.initialize_concurrency_limit_to_default("gpu")
-        daemon = start_daemon()
+        daemon = start()
         held = wait_for("the held run's step", held_run_in_its_step, log)
         worker = RunWorker.of(held)
         assert worker is not None, held.tags
         # The recorded worker is the run worker Dagster itself reports, not a step process.
         pids = instance.all_logs(held.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
         assert any(f"(pid: {worker.pid})" in entry.message for entry in pids)
+        # Its step holds the one `gpu` slot (op granularity); the other run waits in the queue.
+        assert gpu_slot_holders(instance) == {held.run_id}
         assert run_with_key(instance, "queued").status == dg.DagsterRunStatus.QUEUED
 
         # The whole tree dies at once, code server included, as when the machine or
@@ -138,7 +77,7 @@ def test_daemon_fails_a_killed_run_and_launches_the_queued_one(tmp_path, started
         assert worker.pid in kill_tree(daemon)
         assert run_with_key(instance, "held").status == dg.DagsterRunStatus.STARTED
 
-        start_daemon()
+        start()
         wait_for(
             "the killed run to fail",
             lambda: run_with_key(instance, "held").status == dg.DagsterRunStatus.FAILURE,
@@ -147,6 +86,8 @@ def test_daemon_fails_a_killed_run_and_launches_the_queued_one(tmp_path, started
         message = failure_message(instance, held.run_id)
         assert f"run worker process {worker.pid} on {worker.host}" in message
         assert "died" in message
+        # Freed as the run is failed, not `free_slots_after_run_end_seconds` (120 s) later.
+        assert held.run_id not in gpu_slot_holders(instance)
         wait_for(
             "the queued run to finish",
             lambda: run_with_key(instance, "queued").status == dg.DagsterRunStatus.SUCCESS,

@@ -64,7 +64,13 @@ def test_embedded_instance_runs_one_run_per_character_at_a_time(tmp_path):
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert isinstance(instance.run_launcher, MonitoredRunLauncher)
         assert instance.run_monitoring_enabled
-        limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+        concurrency = instance.get_concurrency_config()
+        limits = concurrency.run_queue_config.tag_concurrency_limits
+        # Only the GPU steps hold the `gpu` pool, so other characters' data stages go on.
+        assert concurrency.pool_config.pool_granularity.value == "op"
+        assert concurrency.pool_config.default_pool_limit == 1
+        assert concurrency.run_queue_config.max_concurrent_runs == 3
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
 
     # The queued run coordinator's own counter, with one run of `surtr` in progress.
     def run(partition: str) -> dg.DagsterRun:

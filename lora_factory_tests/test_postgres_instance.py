@@ -49,10 +49,19 @@ def test_materialize_on_postgres_instance(scratch_database, tmp_path, monkeypatc
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert isinstance(instance.run_launcher, MonitoredRunLauncher)
         assert instance.run_monitoring_enabled
-        run_queue = instance.get_concurrency_config().run_queue_config
+        concurrency = instance.get_concurrency_config()
+        run_queue = concurrency.run_queue_config
         assert run_queue.tag_concurrency_limits == [
             {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
         ]
+        # Only the GPU steps hold the `gpu` pool (one slot per GPU); data stages of other
+        # characters run meanwhile.
+        assert concurrency.pool_config.pool_granularity.value == "op"
+        assert concurrency.pool_config.default_pool_limit == 1
+        assert run_queue.max_concurrent_runs == 6
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 120
+        assert instance.event_log_storage.supports_global_concurrency_limits
         result = dg.materialize(
             [character_index],
             instance=instance,

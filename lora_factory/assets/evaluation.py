@@ -87,6 +87,7 @@ class ChosenModelFiles(AssetFiles):
     group_name="evaluation",
     code_version="2",
     deps=[lora_checkpoints, captions, cleaned_crops, character_index],
+    pool="gpu",
     description=(
         "RecScore per checkpoint: previews from a fixed prompt set (one prompt per outfit "
         "cluster plus framing, pose and expression prompts; fixed seeds), fidelity = share "

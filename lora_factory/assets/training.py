@@ -16,7 +16,7 @@ from lora_factory.captioning.captions import tag_frequency
 from lora_factory.provenance import fingerprint
 from lora_factory.resources import BaseModelResource, FactoryStorage
 from lora_factory.storage import read_json, read_table, write_table
-from lora_factory.training.config import TrainingConfig
+from lora_factory.training.config import MANIFEST_NAME, TrainingConfig
 
 TrainingSettings = settings_for(
     TrainingConfig,
@@ -124,8 +124,6 @@ def lora_checkpoints(
         )
         write_table(table, table_path)
         stage.finish(fingerprint(list(table["sha256"])), {"checkpoints": len(table)})
-    from lora_factory.training.train import MANIFEST_NAME
-
     table = read_table(table_path)
     run = read_json(output_dir / MANIFEST_NAME)
     return stage.result(

@@ -39,6 +39,9 @@ RANK_BY_DATASET_SIZE: tuple[tuple[int, int], ...] = ((50, 4), (200, 8), (1_000, 
 RANK_ABOVE_TABLE = 32
 
 TARGET_CHECKPOINTS = 10
+# A training run's manifest in its output folder (here, not in train.py, so that reading it
+# does not import torch).
+MANIFEST_NAME = "run.json"
 
 # "adamw" is bitsandbytes' 8-bit AdamW when bitsandbytes and a GPU are present (a quarter of
 # the optimizer memory), torch's AdamW otherwise; "adamw8bit" insists on the 8-bit one.

@@ -34,7 +34,7 @@ import torch
 
 from lora_factory.storage import atomic_write_json, sha256_file
 from lora_factory.training.base_model import base_weights_sha256, load_base_model
-from lora_factory.training.config import TrainingConfig
+from lora_factory.training.config import MANIFEST_NAME, TrainingConfig
 from lora_factory.training.dataset import CaptionedLatentDataset, TrainingExample
 from lora_factory.training.gpu import claim_gpu
 from lora_factory.training.kohya_format import (
@@ -49,7 +49,6 @@ from lora_factory.training.optimizers import optimizer_description, resolve_opti
 
 # Bump when a code change alters what a training run produces, so old runs are redone.
 TRAINING_RECIPE_VERSION = 2
-MANIFEST_NAME = "run.json"
 STATE_DIR_NAME = ".training_state"
 STATE_FILE_NAME = "last.ckpt"
 KOHYA_PRECISION_NAMES = {"32-true": "no", "16-mixed": "fp16", "bf16-mixed": "bf16"}

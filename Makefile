@@ -11,6 +11,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: an unpinned resolve pulls gigabytes of CUDA wheels on CPU boxes.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+	# deepghs' imgutils, the vision models' reference inference (the parity tests and the
+	# cleaning benchmark compare with it), pins numpy<2: it gets an environment of its own.
+	$(PYTHON) -m venv $(VENV)/imgutils
+	$(VENV)/imgutils/bin/pip install --quiet dghs-imgutils==0.19.0 onnxruntime==1.31.1
 	touch $@
 
 install: $(VENV)/.installed

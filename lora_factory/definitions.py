@@ -18,7 +18,7 @@ from lora_factory.assets.evaluation import chosen_model, recscore_table
 from lora_factory.assets.index import character_index
 from lora_factory.assets.scraping import matched_tags, raw_scrape
 from lora_factory.assets.training import lora_checkpoints
-from lora_factory.jobs import character_job, index_job
+from lora_factory.jobs import character_job, executor, index_job
 from lora_factory.resources import (
     BaseModelResource,
     CharacterIndex,
@@ -26,7 +26,6 @@ from lora_factory.resources import (
     ImageSites,
     VisionModelsResource,
 )
-from lora_factory.run_health import monitored_executor
 from lora_factory.sensors import character_index_sensor
 from lora_factory.storage import DEFAULT_HOME
 
@@ -76,9 +75,8 @@ defs = dg.Definitions(
     ],
     jobs=[character_job, index_job],
     sensors=[character_index_sensor],
-    # For the UI's Materialize and asset backfills (the implicit asset job): in-process like
-    # the jobs, recording each run's worker process so run monitoring can fail runs whose
-    # worker died.
-    executor=monitored_executor,
+    # For the UI's Materialize and asset backfills (the implicit asset job): the jobs'
+    # executor (in-process unless LF_EXECUTOR says otherwise).
+    executor=executor,
     resources=deployment_resources(os.environ.get("LF_DEPLOYMENT") or "demo"),
 )

@@ -1,6 +1,9 @@
 import dagster as dg
 
-from lora_factory.run_health import monitored_executor
+from lora_factory.engines import configured_executor
+
+# LF_EXECUTOR: in_process (default), celery or k8s (lora_factory/engines.py).
+executor = configured_executor()
 
 # Every per-character asset, from scraping to the published release.
 character_job = dg.define_asset_job(
@@ -13,7 +16,7 @@ character_job = dg.define_asset_job(
     # (`lora_checkpoints`, `recscore_table`) take a slot of the `gpu` pool, at op
     # granularity, so other characters' data stages run meanwhile. Records the run worker,
     # so run monitoring can fail the run if that process dies.
-    executor_def=monitored_executor,
+    executor_def=executor,
 )
 
 # The index as a table: the sensor runs it whenever the index file changes, so the
@@ -22,5 +25,5 @@ index_job = dg.define_asset_job(
     name="index_job",
     selection=dg.AssetSelection.groups("index"),
     description="Read the character index file into the `character_index` table.",
-    executor_def=monitored_executor,
+    executor_def=executor,
 )

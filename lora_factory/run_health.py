@@ -7,8 +7,9 @@ a daemon-launched run whose code server died with it) would stay STARTED forever
 its `gpu` pool slot. So every run records its worker (host, pid, process start time) in a
 run tag, and `MonitoredRunLauncher` checks that process. The instance yamls use it.
 
-`monitored_executor` is the executor of every job here: in-process by default (the
-reasons are at its definition), multiprocess by run config.
+`monitored_executor` is the executor of every job on one machine: in-process by default
+(the reasons are at its definition), multiprocess by run config. The celery executor
+(`engines.py`) records its run worker the same way.
 """
 
 from __future__ import annotations
@@ -192,6 +193,14 @@ class _WorkerRecordingExecutor(Executor):
     def step_dependency_config(self):
         return self._inner.step_dependency_config
 
+    def __getattr__(self, name: str) -> Any:
+        # The executor's own API, which its execution loop reads back from the plan
+        # context (celery's `app_args`).
+        inner = self.__dict__.get("_inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
 
 # Dagster's default executor with in_process as the default (multiprocess by run config),
 # recording the run worker for the health check.
@@ -210,16 +219,18 @@ class _WorkerRecordingExecutor(Executor):
 # it ends; the GPU memory it cached goes back first (`release_cached_gpu_memory`).
 # `execute_in_process` ignores a job's executor (it is always in-process): pass
 # `**in_process_run_args()` there instead.
-_MULTI_OR_IN_PROCESS = multi_or_in_process_executor.config_schema.as_field()
-monitored_executor = ExecutorDefinition(
-    name="monitored_executor",
-    config_schema=Field(_MULTI_OR_IN_PROCESS.config_type, default_value={"in_process": {}}),
-    requirements=multi_or_in_process_executor.get_requirements,
-    executor_creation_fn=lambda init_context: _WorkerRecordingExecutor(
-        multi_or_in_process_executor.executor_creation_fn(init_context)
-    ),
-    description=(
-        "Dagster's default executor, in_process by default (multiprocess by run config); "
-        "records the run worker for run monitoring."
-    ),
-)
+def monitored(executor_def: ExecutorDefinition, default_config: Any, name: str) -> ExecutorDefinition:
+    """`executor_def` with `default_config` as its default run config, recording the run
+    worker (the process orchestrating the steps) for the health check."""
+    return ExecutorDefinition(
+        name=name,
+        config_schema=Field(executor_def.config_schema.config_type, default_value=default_config),
+        requirements=executor_def.get_requirements,
+        executor_creation_fn=lambda init_context: _WorkerRecordingExecutor(
+            executor_def.executor_creation_fn(init_context)
+        ),
+        description=f"{executor_def.name}, recording the run worker for run monitoring.",
+    )
+
+
+monitored_executor = monitored(multi_or_in_process_executor, {"in_process": {}}, "monitored_executor")

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import psutil
+import psycopg2
 import pytest
+
+# The PostgreSQL server every machine of the project runs (trust auth).
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 
 @pytest.fixture()
@@ -29,3 +36,28 @@ def started():
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=10)
+
+
+def service_missing(reason: str) -> None:
+    """Skip a test whose server (PostgreSQL, RabbitMQ) is not running here; under CI, where
+    every one runs, fail instead: a skip there would hide a broken set-up."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture()
+def scratch_database():
+    """A new, empty PostgreSQL database, dropped after the test."""
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as error:
+        service_missing(f"no PostgreSQL server answers on 127.0.0.1:5432 ({error})")
+    admin.autocommit = True
+    name = f"lf_test_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()

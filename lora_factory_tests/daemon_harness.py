@@ -36,15 +36,15 @@ def kill_tree(process: psutil.Process) -> list[int]:
     return [member.pid for member in tree]
 
 
-def wait_for(what: str, condition, log: Path | None = None):
-    deadline = time.monotonic() + WAIT_S
+def wait_for(what: str, condition, log: Path | None = None, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(0.2)
     tail = log.read_text()[-4000:] if log and log.exists() else ""
-    pytest.fail(f"timed out after {WAIT_S} s waiting for {what}\n{tail}")
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tail}")
 
 
 def write_instance(home: Path) -> None:
@@ -58,12 +58,14 @@ def write_instance(home: Path) -> None:
 
 
 def start_daemon(
-    location: Path, home: Path, log: Path, started: list, env: dict[str, str] | None = None
+    location: Path | str, home: Path, log: Path, started: list, env: dict[str, str] | None = None
 ) -> psutil.Popen:
-    """`dagster-daemon run` on instance `home` and code location file `location`."""
+    """`dagster-daemon run` on instance `home` and code location `location` (a file, or
+    the name of a module)."""
+    target = ["-f", str(location)] if isinstance(location, Path) else ["-m", location]
     with log.open("a") as out:
         daemon = psutil.Popen(
-            [str(DAGSTER_DAEMON), "run", "-f", str(location)],
+            [str(DAGSTER_DAEMON), "run", *target],
             cwd=REPO_ROOT,
             env={**os.environ, **(env or {}), "DAGSTER_HOME": str(home)},
             stdout=out,

@@ -4,6 +4,8 @@ and both chains do the same work (the timed run is the script's job)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,10 +19,14 @@ from lora_factory.benchmarks.cleaning_throughput import (
     ModelUse,
     ReferenceNetwork,
     StageRun,
+    PLAIN_ROLES,
+    _renamed,
+    _tagger_tags_csv,
     batch_sweep,
     batching_bound,
     draw_posts,
     export_network,
+    imgutils_speed,
     load_models,
     main_model_file,
     reference_networks,
@@ -33,7 +39,7 @@ from lora_factory.benchmarks.reference_networks import (
     SwinV2,
     YoloV8,
 )
-from lora_factory.demo.tiny_models import TINY_MODELS, tiny_model_files
+from lora_factory.demo.tiny_models import TINY_MODELS, build_tiny_model, tiny_model_files
 from lora_factory.storage import BlobStore
 
 
@@ -143,3 +149,28 @@ def test_batching_bound_divides_each_models_time_by_its_best_gain():
     share, bound = batching_bound(peer, sweep)
     assert share == pytest.approx(0.8)
     assert bound == pytest.approx(10.0 / (2.0 + 3.0 + 2.0))
+
+
+def test_bare_networks_get_the_real_models_names_and_tag_list():
+    network = _renamed(export_network(ReferenceNetwork("small", _Small, (3, 384, 384))), "input", "output")
+    session = ort.InferenceSession(network.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    assert [o.name for o in session.get_outputs()] == ["output"]
+    rows = _tagger_tags_csv(1010).decode().splitlines()
+    assert rows[0] == "tag_id,name,category,count" and len(rows) == 1011
+    categories = [int(row.split(",")[2]) for row in rows[1:]]
+    assert categories[:4] == [9] * 4 and categories.count(4) == 1000 and categories.count(0) == 6
+
+
+def test_speed_beside_imgutils_reports_both_rates(tmp_path):
+    from lora_factory.vision.reference import imgutils_unavailable
+
+    reason = imgutils_unavailable()
+    if reason and not os.environ.get("CI"):
+        pytest.skip(reason)
+    folders = {role: build_tiny_model(TINY_MODELS[role], tmp_path / role) for role in PLAIN_ROLES}
+    rows = imgutils_speed(tmp_path, 2, folders=folders)
+    assert set(rows) == set(PLAIN_ROLES)
+    for row in rows.values():
+        assert row["ours_images_per_s"] > 0 and row["imgutils_images_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_images_per_s"] / row["imgutils_images_per_s"])

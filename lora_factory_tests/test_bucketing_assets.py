@@ -8,7 +8,6 @@ import json
 import random
 import tomllib
 import zipfile
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import dagster as dg
 import psycopg2
-import pytest
+from conftest import PG
 
 from lora_factory.assets.index import character_index
 from lora_factory.demo.deployment import DEMO_INDEX_PATH
@@ -16,23 +15,6 @@ from lora_factory.resources import CharacterIndex, FactoryStorage
 from lora_factory.run_health import MonitoredRunLauncher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-
-
-@pytest.fixture()
-def scratch_database():
-    try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as error:
-        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({error})")
-    admin.autocommit = True
-    name = f"lf_test_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    yield name
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
 
 
 def test_materialize_on_postgres_instance(scratch_database, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The wrappers prepare images exactly as the real models expect, and decode their outputs
-(letterbox, NMS, YOLO labels, MCut, probabilities vs logits)."""
+(stretch and letterbox, NMS, YOLO labels, MCut, probabilities vs logits). Agreement with
+the authors' own inference code is checked in test_vision_imgutils_parity.py."""
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from lora_factory.vision.detection import (
     labels_from_metadata,
     letterbox,
     nms,
+    stretch,
 )
 from lora_factory.vision.identity import IdentityModel
 from lora_factory.vision.tagger import WD14Tagger, mcut_threshold
@@ -76,11 +78,23 @@ def test_classifier_preprocess_is_rgb_nchw_half_normalised(models_dir):
     assert array.min() >= -1.0 and array.max() <= 1.0
 
 
+def test_stretch_resizes_to_the_square_without_keeping_the_aspect():
+    array, geometry = stretch(wide_picture(), 640)
+    assert array.shape == (1, 3, 640, 640) and array.dtype == np.float32
+    assert geometry.resized == (640, 640) and geometry.pad == (0, 0)
+    np.testing.assert_allclose(array[0, :, 320, 100], np.array(RED) / 255, atol=1e-6)  # RGB, 0..1
+    # The red/blue border at x=100 of 200 lands in the middle, on every row.
+    column = np.flatnonzero(array[0, 2, 320] > 0.5)[0]
+    assert column == pytest.approx(320, abs=1)
+    assert np.all(array[0, 2, 0, 330:] > 0.5) and np.all(array[0, 2, 639, 330:] > 0.5)
+
+
 def test_letterbox_keeps_aspect_pads_grey_114_and_round_trips_coordinates():
     image = wide_picture()
-    array, scale, (pad_x, pad_y) = letterbox(image, 640)
+    array, geometry = letterbox(image, 640)
+    (pad_x, pad_y), scale = geometry.pad, geometry.resized[0] / image.width
     assert array.shape == (1, 3, 640, 640) and array.dtype == np.float32
-    assert scale == pytest.approx(3.2) and (pad_x, pad_y) == (0, 160)
+    assert geometry.resized == (640, 320) and (pad_x, pad_y) == (0, 160)
     np.testing.assert_allclose(array[0, :, 10, 320], 114 / 255, atol=1e-6)  # padding
     np.testing.assert_allclose(array[0, :, 320, 100], np.array(RED) / 255, atol=1e-6)  # RGB, 0..1
     # The red/blue border at x=100 lands at 100 * scale + pad and maps back.
@@ -97,6 +111,15 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
     assert nms(np.zeros((0, 4)), np.zeros(0), 0.5).tolist() == []
 
 
+def test_nms_counts_box_sides_inclusively_as_the_reference():
+    # Sides of (x1 - x0 + 1) pixels: these 11x11 boxes share 10x11 = 110 of 132 pixels,
+    # IoU 0.833; with continuous sides (10x10, sharing 90 of 110) it would be 0.818.
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10]], dtype=np.float32)
+    scores = np.array([0.9, 0.8], dtype=np.float32)
+    assert nms(boxes, scores, iou_threshold=0.82).tolist() == [0]
+    assert nms(boxes, scores, iou_threshold=0.84).tolist() == [0, 1]
+
+
 def test_iou():
     assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
@@ -111,23 +134,27 @@ def test_yolo_labels_come_from_ultralytics_names_metadata(models_dir):
     assert detector.labels == ["person"] and detector.size == 640
 
 
-def test_yolo_decoding_maps_boxes_back_and_suppresses_per_class(models_dir):
+def test_yolo_decoding_maps_boxes_back_with_one_class_agnostic_nms(models_dir):
     detector = YoloDetector(models_dir / "tiny-person", conf_threshold=0.3, labels=["person", "face"])
     output = np.zeros((6, 8400), dtype=np.float32)
-    # Two overlapping "person" boxes and one "face" box on top of them, in letterbox pixels.
+    # Two overlapping "person" boxes, a "face" box inside them and one elsewhere, in input pixels.
     output[:4, 0] = [320, 320, 100, 400]
     output[4, 0] = 0.9
     output[:4, 1] = [322, 320, 100, 400]
     output[4, 1] = 0.8
-    output[:4, 2] = [320, 320, 100, 200]
-    output[5, 2] = 0.7
-    output[:4, 3] = [100, 100, 50, 50]
-    output[4, 3] = 0.2  # below the confidence threshold
-    detections = detector._decode(output, scale=3.2, pad=(0, 160), image_size=(200, 100))
-    assert [(d.label, round(d.score, 1)) for d in detections] == [("person", 0.9), ("face", 0.7)]
-    x0, y0, x1, y1 = detections[0].box
-    # Letterbox pixels (270, 120, 370, 520) minus the padding, over the scale, clipped.
-    assert (x0, y0, x1, y1) == pytest.approx((270 / 3.2, 0.0, 370 / 3.2, 100.0))
+    output[:4, 2] = [320, 320, 100, 380]
+    output[5, 2] = 0.7  # suppressed by the person box: NMS ignores classes, as the reference
+    output[:4, 3] = [500, 100, 60, 60]
+    output[5, 3] = 0.6
+    output[:4, 4] = [100, 100, 50, 50]
+    output[4, 4] = 0.2  # below the confidence threshold
+    _, geometry = stretch(wide_picture(), 640)
+    detections = detector._decode(output, geometry, image_size=(200, 100))
+    assert [(d.label, round(d.score, 1)) for d in detections] == [("person", 0.9), ("face", 0.6)]
+    # Input pixels (270, 120, 370, 520) of 640 scaled to 200x100, clipped, rounded half to even.
+    assert detections[0].box == (84, 19, 116, 81)
+    assert detections[1].box == (147, 11, 166, 20)
+    assert all(isinstance(v, int) for d in detections for v in d.box)
 
 
 def test_mcut_threshold_cuts_the_largest_gap():

@@ -13,7 +13,7 @@ from lora_factory.storage import factory_home
 from lora_factory.vision.classifiers import ImageClassifier
 from lora_factory.vision.detection import YoloDetector
 from lora_factory.vision.identity import IdentityModel
-from lora_factory.vision.models import CLASSIFIER_ROLES, DETECTOR_ROLES
+from lora_factory.vision.models import CLASSIFIER_ROLES, DEFAULT_IOU_THRESHOLDS, DETECTOR_ROLES
 from lora_factory.vision.registry import DEFAULT_MODELS, ModelNotFoundError, ModelRegistry
 from lora_factory.vision.tagger import WD14Tagger
 
@@ -56,7 +56,8 @@ def test_real_identity(picture):
 @pytest.mark.parametrize("role", DETECTOR_ROLES)
 def test_real_detectors(picture, role):
     path, spec = real_model(role)
-    detector = YoloDetector(path, conf_threshold=spec.defaults["conf_threshold"])
+    detector = YoloDetector(path, conf_threshold=spec.defaults["conf_threshold"],
+                            iou_threshold=spec.defaults.get("iou_threshold", DEFAULT_IOU_THRESHOLDS[role]))
     assert detector.labels
     for detection in detector.detect([picture])[0]:
         x0, y0, x1, y1 = detection.box

@@ -16,6 +16,7 @@ from lora_factory.assets.scraping import MatchedTagsFiles, matched_tags
 from lora_factory.assets.settings import core_config, settings_for
 from lora_factory.assets.stage import AssetFiles, Stage, UpstreamError, character_asset
 from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
+from lora_factory.engines import VISION_ON_GPU
 from lora_factory.provenance import frame_hash
 from lora_factory.reporting import contact_sheet_png, markdown_image
 from lora_factory.resources import FactoryStorage, VisionModelsResource
@@ -64,6 +65,7 @@ CleaningSettings = settings_for(
 
 
 @character_asset(
+    gpu=VISION_ON_GPU,
     group_name="dataset",
     code_version="2",
     deps=[matched_tags],

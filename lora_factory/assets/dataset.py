@@ -36,6 +36,7 @@ from lora_factory.bucketing.repeats import (
 )
 from lora_factory.captioning.captions import CaptionConfig, caption_dataset
 from lora_factory.captioning.tags import canonical_tag, escape_for_prompt
+from lora_factory.engines import VISION_ON_GPU
 from lora_factory.provenance import frame_hash
 from lora_factory.reporting import contact_sheet_png, markdown_image
 from lora_factory.resources import (
@@ -150,6 +151,7 @@ def package_version() -> str:
 
 
 @character_asset(
+    gpu=VISION_ON_GPU,
     group_name="dataset",
     code_version=CAPTIONS_CODE_VERSION,
     deps=[cleaned_crops, character_index],

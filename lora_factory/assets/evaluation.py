@@ -87,7 +87,7 @@ class ChosenModelFiles(AssetFiles):
     group_name="evaluation",
     code_version="2",
     deps=[lora_checkpoints, captions, cleaned_crops, character_index],
-    pool="gpu",
+    gpu=True,
     description=(
         "RecScore per checkpoint: previews from a fixed prompt set (one prompt per outfit "
         "cluster plus framing, pose and expression prompts; fixed seeds), fidelity = share "
@@ -118,28 +118,33 @@ def recscore_table(
     grid_path, curve_path = out_dir / "previews_grid.png", out_dir / "recscore_curve.png"
     if stage.needs_build():
         from lora_factory.evaluation.previews import PreviewRenderer
+        from lora_factory.training.gpu import claimed_device
 
         cleaned = stage.read(CleanedCropsFiles)
         crops = cleaned.crops()
         _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)
         models = vision_models.load(stage.store)
-        renderer = PreviewRenderer(
-            base_model.resolve(stage.store),
-            steps=config.sampling_steps or base_model.defaults.sampling_steps or DEFAULT_SAMPLING_STEPS,
-            guidance=config.guidance,
-            lora_scale=config.lora_scale,
-            clip_skip=base_model.clip_skip,
-        )
-        table, previews = score_checkpoints(
-            stage.read(LoraCheckpointsFiles).checkpoints(),
-            renderer,
-            prompts,
-            cleaned.images(crops["crop_sha256"]),
-            models.identity,
-            models.tagger,
-            context.log,
-            beta=config.beta,
-        )
+        # Several GPUs: each rendering step (the `gpu` pool) claims a different one.
+        with claimed_device(stage.store.root / "locks" / "gpu", log=context.log.info) as device:
+            renderer = PreviewRenderer(
+                base_model.resolve(stage.store),
+                steps=config.sampling_steps or base_model.defaults.sampling_steps or DEFAULT_SAMPLING_STEPS,
+                guidance=config.guidance,
+                lora_scale=config.lora_scale,
+                clip_skip=base_model.clip_skip,
+                device=device,
+            )
+            table, previews = score_checkpoints(
+                stage.read(LoraCheckpointsFiles).checkpoints(),
+                renderer,
+                prompts,
+                cleaned.images(crops["crop_sha256"]),
+                models.identity,
+                models.tagger,
+                context.log,
+                beta=config.beta,
+            )
+            del renderer  # its weights leave the GPU before the lock does
         for step, images in previews.items():
             for prompt, image in zip(prompts, images, strict=True):
                 buffer = io.BytesIO()

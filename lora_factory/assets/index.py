@@ -2,6 +2,7 @@ import dagster as dg
 import pandas as pd
 
 from lora_factory.assets.metadata import table_metadata
+from lora_factory.engines import step_tags
 from lora_factory.index.character_index import index_hash
 from lora_factory.resources import CharacterIndex, FactoryStorage
 from lora_factory.storage import write_table
@@ -10,6 +11,7 @@ from lora_factory.storage import write_table
 @dg.asset(
     group_name="index",
     code_version="1",
+    op_tags=step_tags(gpu=False),
     description=(
         "The character index: one row per character (key, names, franchise, gender, "
         "per-site tag overrides, reference images, enabled). Each enabled row is one "

@@ -9,6 +9,7 @@ import pandas as pd
 from lora_factory.assets.index import character_index
 from lora_factory.assets.metadata import table_metadata
 from lora_factory.assets.stage import AssetFiles, Stage, character_asset
+from lora_factory.engines import VISION_ON_GPU
 from lora_factory.matching.tag_matching import match_character, surviving_posts
 from lora_factory.matching.visual import (
     VISUAL_SAMPLE_SIZE,
@@ -124,6 +125,7 @@ class MatchingSettings(dg.Config):
 
 
 @character_asset(
+    gpu=VISION_ON_GPU,
     group_name="dataset",
     code_version="3",
     deps=[raw_scrape, character_index],

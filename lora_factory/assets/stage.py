@@ -23,6 +23,7 @@ import pandas as pd
 from dagster._core.launcher import WorkerStatus
 from PIL import Image
 
+from lora_factory.engines import step_tags
 from lora_factory.partitions import characters_partitions
 from lora_factory.provenance import (
     Stamp,
@@ -321,8 +322,12 @@ def headline(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-def character_asset(**asset_kwargs: Any) -> Callable:
-    """`dg.asset` partitioned by character, whose errors reach the UI as their own message."""
+def character_asset(gpu: bool = False, **asset_kwargs: Any) -> Callable:
+    """`dg.asset` partitioned by character, whose errors reach the UI as their own message.
+
+    A `gpu` step holds a slot of the `gpu` pool while it runs and goes to the GPU workers
+    (celery queue `gpu`, a GPU pod on Kubernetes); the others to the CPU ones.
+    """
 
     def decorate(fn: Callable) -> dg.AssetsDefinition:
         @functools.wraps(fn)
@@ -334,7 +339,10 @@ def character_asset(**asset_kwargs: Any) -> Callable:
             except Exception as error:
                 raise dg.Failure(description=headline(error)) from error
 
-        return dg.asset(partitions_def=characters_partitions, **asset_kwargs)(materialize)
+        placement = {"pool": "gpu"} if gpu else {}
+        return dg.asset(
+            partitions_def=characters_partitions, op_tags=step_tags(gpu), **placement, **asset_kwargs
+        )(materialize)
 
     return decorate
 

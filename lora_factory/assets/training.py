@@ -52,7 +52,7 @@ class LoraCheckpointsFiles(AssetFiles):
     group_name="training",
     code_version="3",
     deps=[buckets, captions],
-    pool="gpu",
+    gpu=True,
     description=(
         "A LoRA / LoHa / LoKr (peft, trained with Lightning on the base model) saved every N "
         "steps in kohya / LyCORIS format with ss_* metadata, loadable by AUTOMATIC1111, ComfyUI "

@@ -33,7 +33,14 @@ models (the real-size models would need hours on two cores for 10,000). The chai
 streams, so its memory does not grow with the model size beyond the sessions and one
 batch of activations, which the reference-model row shows.
 
+Beside imgutils. Each wrapper's images per second next to deepghs' imgutils (the
+models' authors' inference code, one call per picture, run in its own environment, see
+`vision.reference`) on the same ONNX files and pictures: the bare real-size networks of
+one model per kind of wrapper (SwinV2-B tagger, CAFormer-S36 identity, YOLOv8m person
+detector, MobileNetV3 classifier), with the real models' input/output names.
+
     python -m lora_factory.benchmarks.cleaning_throughput [--images 48] [--memory-images 1000 10000]
+        [--imgutils-images 8]
 
 The reference ONNX files (~1 GB) are built once into --work (default
 $LF_HOME/benchmarks/cleaning, or .lora_factory/ in the working directory).
@@ -82,6 +89,7 @@ from lora_factory.storage import (
 from lora_factory.vision.models import ROLES, VisionModels
 
 RATIO_TARGET = 2.0
+IMGUTILS_LABEL = "(dghs-imgutils 0.19.0)"
 PEAK_RSS_TARGET_MB = 4096
 # Bump when a reference network or the composition changes: the cached files are rebuilt.
 REFERENCE_VERSION = "2"
@@ -211,6 +219,166 @@ def build_reference_models(target_dir: Path, log: Callable[[str], None] = print)
             log(f"  built {role}: {network.architecture} in {time.perf_counter() - started:.0f} s")
         folders[role] = folder
     return folders
+
+
+# ---------------------------------------------- the bare networks, for imgutils beside us
+
+# One model per kind of wrapper, as the real model's files: the random-weight network
+# alone, with the real input/output names and side files, so that imgutils (which reads
+# them by name) and the wrappers run the same real-size compute and decode its output.
+PLAIN_ROLES = ("tagger", "identity", "person", "rating")
+PLAIN_IO = {"tagger": ("input_1:0", "predictions_sigmoid"), "identity": ("input", "output"),
+            "person": ("images", "output0"), "rating": ("input", "output")}  # fmt: skip
+TAGGER_CLASSES = 10861  # the SwinV2 reference network's head, as wd-swinv2-tagger-v3
+
+
+def _renamed(model, input_name: str, output_name: str):
+    old_input, old_output = model.graph.input[0].name, model.graph.output[0].name
+    for node in model.graph.node:
+        node.input[:] = [input_name if name == old_input else name for name in node.input]
+        node.output[:] = [output_name if name == old_output else name for name in node.output]
+    model.graph.input[0].name, model.graph.output[0].name = input_name, output_name
+    return model
+
+
+def _tagger_tags_csv(count: int) -> bytes:
+    """A selected_tags.csv for `count` outputs: 4 ratings, general tags, 1,000 characters."""
+    rows = ["tag_id,name,category,count"]
+    for index in range(count):
+        if index < 4:
+            name, category = ("general", "sensitive", "questionable", "explicit")[index], 9
+        elif index < count - 1000:
+            name, category = f"tag_{index}", 0
+        else:
+            name, category = f"character_{index}", 4
+        rows.append(f"{index},{name},{category},{count - index}")
+    return ("\n".join(rows) + "\n").encode("utf-8")
+
+
+def _spread_class_scores(detector):
+    """A random-weight YOLOv8 whose scores depend on the picture and spread over 0..1.
+
+    With PyTorch's default initialisation the activations shrink at every one of the
+    ~60 layers until only the biases are left: every anchor of a level gets the same
+    score and box, and NMS would only test how ties are ordered. Variance-preserving
+    (Kaiming) weights keep the picture in the output (8,037 distinct scores of 8,400
+    measured); the last class convolutions are then rescaled, once on a random batch, to
+    logits of mean 0 and deviation 2, as a trained head gives."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for module in detector.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        features = []
+        hooks = [head[-1].register_forward_hook(lambda _m, _i, out: features.append(out)) for head in detector.detect.cls]
+        detector(torch.rand(2, 3, 640, 640))
+        for hook in hooks:
+            hook.remove()
+        logits = torch.cat([f.flatten() for f in features])
+        gain, mean = 2.0 / logits.std(), logits.mean()
+        for head in detector.detect.cls:
+            final = head[-1]
+            final.weight.mul_(gain)
+            final.bias.copy_((final.bias - mean) * gain)
+    return detector
+
+
+def build_plain_reference_models(target_dir: Path, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Role -> a model folder holding the real architecture at its real size (random
+    weights) as the real model's files, for `PLAIN_ROLES`. Built once per version."""
+    from onnx import helper
+
+    networks, folders = reference_networks(), {}
+    for role in PLAIN_ROLES:
+        folder = Path(target_dir) / f"plain-v{REFERENCE_VERSION}" / role
+        marker = folder / ".complete"
+        if not marker.is_file():
+            started = time.perf_counter()
+            network = networks[role]
+            if role == "person":
+                build = network.build
+                network = ReferenceNetwork(network.architecture, lambda: _spread_class_scores(build()),
+                                           network.input_shape)
+            model = _renamed(export_network(network), *PLAIN_IO[role])
+            files = tiny_model_files(TINY_MODELS[role])
+            files.pop(main_model_file(role))
+            if role == "tagger":
+                files["selected_tags.csv"] = _tagger_tags_csv(TAGGER_CLASSES)
+            if role == "person":
+                helper.set_model_props(model, {"names": repr({0: "person"}), "imgsz": "[640, 640]",
+                                               "task": "detect", "stride": "32"})  # fmt: skip
+            for name, data in files.items():
+                atomic_write_bytes(folder / name, data)
+            atomic_write_bytes(folder / main_model_file(role), model.SerializeToString())
+            marker.write_text(network.architecture + "\n")
+            log(f"  built bare {role}: {network.architecture} in {time.perf_counter() - started:.0f} s")
+        folders[role] = folder
+    return folders
+
+
+def plain_wrappers(folders: dict[str, Path]) -> dict[str, Any]:
+    """The project's wrapper of each bare model, with the real model's defaults."""
+    from lora_factory.vision.classifiers import ImageClassifier
+    from lora_factory.vision.detection import YoloDetector
+    from lora_factory.vision.identity import IdentityModel
+    from lora_factory.vision.models import DEFAULT_CONF_THRESHOLDS, DEFAULT_IOU_THRESHOLDS
+    from lora_factory.vision.tagger import WD14Tagger
+
+    return {
+        "tagger": WD14Tagger(folders["tagger"], providers="cpu"),
+        "identity": IdentityModel(folders["identity"], providers="cpu"),
+        "person": YoloDetector(folders["person"], conf_threshold=DEFAULT_CONF_THRESHOLDS["person"],
+                               iou_threshold=DEFAULT_IOU_THRESHOLDS["person"], providers="cpu"),
+        "rating": ImageClassifier(folders["rating"], providers="cpu"),
+    }
+
+
+def run_wrapper(role: str, model: Any, images: list[Image.Image]) -> Any:
+    if role == "identity":
+        return model.embed(images)
+    if role == "person":
+        return model.detect(images)
+    return model.predict(images)
+
+
+def imgutils_speed(work: Path, count: int, variant: int = 0,
+                   folders: dict[str, Path] | None = None) -> dict[str, dict] | None:
+    """Images per second of each wrapper and of imgutils on the same models and pictures
+    (imgutils: one call per picture, in its own process). `folders`: role -> model folder
+    for `PLAIN_ROLES`, by default the bare real-size networks."""
+    from lora_factory.vision.reference import HubCache, Job, imgutils_unavailable, place_models, run_imgutils
+
+    reason = imgutils_unavailable()
+    if reason:
+        print(f"imgutils beside the wrappers: skipped ({reason})")
+        return None
+    folders = folders or build_plain_reference_models(work / "reference-models")
+    wrappers = plain_wrappers(folders)
+    rng = random.Random(variant)
+    pictures = [draw_post([(DEMO_CHARACTERS[0], 0)], (rng.randint(512, 1024), rng.randint(640, 1280)), rng).image
+                for _ in range(count)]  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        cache = HubCache(Path(scratch) / "hf")
+        place_models(cache, folders)
+        answers = run_imgutils(cache, [Job(role, pictures) for role in PLAIN_ROLES], Path(scratch) / "oracle")
+    rows = {}
+    for role, answer in zip(PLAIN_ROLES, answers, strict=True):
+        run_wrapper(role, wrappers[role], pictures[:1])  # warm-up, as imgutils' first call
+        started = time.perf_counter()
+        run_wrapper(role, wrappers[role], pictures)
+        ours = count / (time.perf_counter() - started)
+        theirs = count / answer["seconds"]
+        rows[role] = {"architecture": reference_networks()[role].architecture, "ours_images_per_s": ours,
+                      "imgutils_images_per_s": theirs, "ratio": ours / theirs}
+    print(f"\nwrappers beside imgutils {IMGUTILS_LABEL}: {count} pictures, the same ONNX files")
+    print(f"{'model':<10}{'architecture':<30}{'ours img/s':>12}{'imgutils img/s':>16}{'ratio':>8}")
+    for role, row in rows.items():
+        print(f"{role:<10}{row['architecture']:<30}{row['ours_images_per_s']:>12.2f}"
+              f"{row['imgutils_images_per_s']:>16.2f}{row['ratio']:>8.2f}")
+    return rows
 
 
 def load_models(kind: str, work: Path, log: Callable[[str], None] = print) -> VisionModels:
@@ -496,6 +664,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-images", type=int, nargs="*", default=[1000, 10000],
                         help="post counts for the memory runs with the tiny models (none: skip)")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--imgutils-images", type=int, default=8,
+                        help="pictures for the speed of each wrapper beside imgutils (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--measure-memory", nargs=3, metavar=("POSTS", "BLOBS", "MODELS"), help=argparse.SUPPRESS)
@@ -510,6 +680,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cleaning benchmark on {report['cores']} CPU cores")
     if not args.skip_throughput:
         report["throughput"] = throughput(args.images, work, args.seed)
+    if args.imgutils_images:
+        report["imgutils"] = imgutils_speed(work, args.imgutils_images, args.seed)
     if args.memory_images:
         print("\npeak memory of the data stage (fresh process each):")
         report["memory"] = memory(args.memory_images, args.images, work, args.seed)

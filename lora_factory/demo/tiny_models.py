@@ -830,7 +830,10 @@ TINY_SPECS: tuple[ModelSpec, ...] = tuple(
         kind={"tiny-tagger": "tagger", "tiny-identity": "identity"}.get(
             name, "detector" if name in DETECTOR_LABELS else "classifier"
         ),
-        defaults={"conf_threshold": _DETECTOR_THRESHOLDS[name]} if name in DETECTOR_LABELS else {},
+        # The tiny detectors read figures' proportions, which imgutils' straight resize to
+        # 640x640 distorts: they take ultralytics' letterbox (aspect kept).
+        defaults={"conf_threshold": _DETECTOR_THRESHOLDS[name], "resize": "letterbox"} if name in DETECTOR_LABELS
+        else {},
         build=functools.partial(build_tiny_model, name),
     )
     for name, files in TINY_MODEL_FILES.items()

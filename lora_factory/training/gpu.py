@@ -1,7 +1,7 @@
-"""One GPU per training run: a run claims a free GPU with an exclusive lock file.
+"""One GPU per GPU step: a step claims a free GPU with an exclusive lock file.
 
-Dagster's `gpu` pool caps how many training runs go at once (its limit is the number of
-GPUs), but it does not say which GPU each run gets. Each run therefore locks
+Dagster's `gpu` pool caps how many GPU steps (training, preview rendering) go at once
+(its limit is the number of GPUs), but it does not say which GPU each gets. Each therefore locks
 `<lock_dir>/gpu-<index>.lock` with `flock` before it touches the GPU. The kernel drops the
 lock when the process ends, however it ends (even SIGKILL), so a crashed run never leaves
 a GPU marked busy.
@@ -72,3 +72,13 @@ def claim_gpu(
             log(f"all {count} GPUs are busy with other training runs; waiting for one")
             announced = True
         time.sleep(POLL_SECONDS)
+
+
+@contextmanager
+def claimed_device(lock_dir: Path, log: Callable[[str], None] = print) -> Iterator[torch.device]:
+    """A free GPU claimed for the `with` block (`claim_gpu`), or the CPU when there is none."""
+    if not torch.cuda.is_available():
+        yield torch.device("cpu")
+        return
+    with claim_gpu(lock_dir, log=log) as index:
+        yield torch.device("cuda", index)

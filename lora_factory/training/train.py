@@ -33,10 +33,10 @@ import lightning as L
 import torch
 
 from lora_factory.storage import atomic_write_json, sha256_file
-from lora_factory.training.base_model import base_weights_sha256, load_base_model
+from lora_factory.training.base_model import base_weights_sha256, load_base_model, pick_device
 from lora_factory.training.config import MANIFEST_NAME, TrainingConfig
 from lora_factory.training.dataset import CaptionedLatentDataset, TrainingExample
-from lora_factory.training.gpu import claim_gpu
+from lora_factory.training.gpu import claimed_device
 from lora_factory.training.kohya_format import (
     SAVE_DTYPES,
     kohya_metadata,
@@ -105,12 +105,9 @@ def train_lora(
     if not examples:
         raise ValueError("no training examples: nothing to train on")
     with ExitStack() as stack:
-        if device is None:
-            device = torch.device("cpu")
-            if torch.cuda.is_available():
-                index = stack.enter_context(claim_gpu(gpu_lock_dir, log=log)) if gpu_lock_dir else 0
-                device = torch.device("cuda", index)
-        device = torch.device(device)
+        if device is None and gpu_lock_dir is not None:
+            device = stack.enter_context(claimed_device(gpu_lock_dir, log=log))
+        device = torch.device(device) if device is not None else pick_device()
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return _train_on(
@@ -215,7 +212,9 @@ def _train_on(
             "status": "finished",
             "output_name": output_name,
             "config": config.to_dict(),
-            "base_model": {"name": base.name, "sha256": base.sha256, "source": base.source},
+            # Its name and weights identify the base model; not its path, which differs per
+            # machine and mount point (the outputs stay byte-identical wherever they are made).
+            "base_model": {"name": base.name, "sha256": base.sha256},
             "checkpoints": [
                 {"step": c.step, "epoch": c.epoch, "file": c.path.name, "sha256": c.sha256} for c in checkpoints
             ],

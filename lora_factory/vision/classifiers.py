@@ -1,11 +1,13 @@
 """deepghs image classifiers (monochrome, anime classification, rating, aesthetic,
 AI-corruption), or the tiny ones.
 
-Preprocessing as imgutils' generic classifier: RGB with transparency on white, resized
-to the model's input size (384 for the mobilenetv3 models; read from the model when
-fixed) with bilinear resampling, /255, normalised with mean 0.5 / std 0.5, NCHW float32.
-Labels come from `meta.json` ({"labels": [...]}) next to the model file (or the
-model's "labels" metadata).
+Inference follows the models' authors' code (deepghs' imgutils, `generic/classify.py`):
+RGB with transparency on white; then the stages of the `preprocess.json` next to the
+model when there is one (see `transforms`); otherwise resized to the model's input size
+(read from the model when fixed, else `input_size`, 384 as imgutils) with bilinear
+resampling, /255, normalised with mean 0.5 / std 0.5 (in float64, then float32), NCHW.
+The output named "output" is read. Labels come from `meta.json` ({"labels": [...]})
+next to the model file (or the model's "labels" metadata).
 
 Outputs: deepghs exports end in a softmax, so the "output" tensor already holds
 probabilities. `output_kind="auto"` checks that (every row within [0, 1] and summing to
@@ -24,6 +26,7 @@ from PIL import Image
 
 from lora_factory.vision import runtime
 from lora_factory.vision.imageops import rgb_on_white
+from lora_factory.vision.transforms import read_preprocess
 
 # Small convnet classifiers (MobileNetV3-class) gain a little from batching even on a CPU.
 DEFAULT_BATCH = runtime.BatchSizes(cpu=4, cuda=32)
@@ -86,25 +89,33 @@ class ImageClassifier:
         if labels is None:
             labels = read_labels(self.model_path, self.session.get_modelmeta().custom_metadata_map)
         self.labels = list(labels)
-        outputs = self.session.get_outputs()[0].shape[-1]
+        names = [output.name for output in self.session.get_outputs()]
+        # deepghs exports may add "embedding" or "logits" outputs; the reference reads "output".
+        self.output_index = names.index("output") if "output" in names else 0
+        outputs = self.session.get_outputs()[self.output_index].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.labels):
             raise ValueError(f"{self.model_path} has {outputs} outputs but {len(self.labels)} labels: {self.labels}")
         height, width = runtime.input_hw(self.session, (input_size, input_size), "NCHW")
         self.size = (width, height)
+        self.stages = read_preprocess(self.model_path)
         self.output_kind = output_kind
         self.batch_size = runtime.batch_size_for(self.session, batch_size)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """[1,3,H,W] float32 RGB normalised to -1..1."""
-        resized = rgb_on_white(image).resize(self.size, Image.Resampling.BILINEAR)
-        data = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return ((data - 0.5) / 0.5)[None]
+        """[1,3,H,W] float32: the preprocess.json stages, or RGB normalised to -1..1."""
+        image = rgb_on_white(image)
+        if self.stages is not None:
+            return self.stages(image)[None]
+        resized = image.resize(self.size, Image.Resampling.BILINEAR)
+        data = (np.asarray(resized).transpose(2, 0, 1) / 255.0).astype(np.float32)
+        return ((data - np.float64(0.5)) / np.float64(0.5)).astype(np.float32)[None]
 
     def predict(self, images: Iterable[Image.Image], batch_size: int | None = None) -> list[dict[str, float]]:
         batch_size = batch_size or self.batch_size
         predictions = []
         for chunk in runtime.chunks(images, batch_size):
-            outputs = runtime.run_batched(self.session, np.concatenate([self.preprocess(image) for image in chunk]), batch_size)
+            batch = np.concatenate([self.preprocess(image) for image in chunk])
+            outputs = runtime.run_batched(self.session, batch, batch_size, self.output_index)
             if self.output_kind == "logits" or (self.output_kind == "auto" and not looks_like_probabilities(outputs)):
                 outputs = softmax(outputs)
             predictions += [dict(zip(self.labels, map(float, row), strict=True)) for row in outputs]

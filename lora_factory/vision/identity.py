@@ -2,9 +2,11 @@
 
 A model folder holds `model_feat.onnx` (image -> 768-d feature), `model_metrics.onnx`
 (a batch of features [K,768] -> pairwise differences [K,K], lower = more alike) and
-`metrics.json` whose "threshold" separates same-character pairs (below) from others.
-Preprocessing as CCIP: RGB (transparency on white), resized to 384x384 bilinear
-(aspect not kept), /255, CLIP mean/std normalisation, NCHW float32.
+`metrics.json` whose "threshold" separates same-character pairs (at or below) from others.
+Inference follows the models' authors' code (deepghs' imgutils, `metrics/ccip.py`): RGB
+(transparency on white), resized to 384x384 bilinear (aspect not kept), /255 in float32,
+CLIP mean/std normalisation in float64, NCHW float32; same character when
+difference <= threshold.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from lora_factory.vision.imageops import rgb_on_white
 # CAFormer-S36 at 384: batching on a CPU gains nothing and holds more activations.
 DEFAULT_BATCH = runtime.BatchSizes(cpu=1, cuda=32)
 
-CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], dtype=np.float32).reshape(3, 1, 1)
-CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], dtype=np.float32).reshape(3, 1, 1)
+# float64, as the reference normalises (the result is cast to float32 afterwards).
+CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073]).reshape(3, 1, 1)
+CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711]).reshape(3, 1, 1)
 DEFAULT_SIZE = 384
 
 
@@ -54,7 +57,7 @@ class IdentityModel:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """[1,3,H,W] float32, CLIP-normalised RGB."""
         resized = rgb_on_white(image).resize(self.size, Image.Resampling.BILINEAR)
-        data = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        data = np.asarray(resized).transpose(2, 0, 1).astype(np.float32) / 255.0
         return ((data - CLIP_MEAN) / CLIP_STD)[None].astype(np.float32)
 
     def embed(self, images: Iterable[Image.Image], batch_size: int | None = None) -> np.ndarray:
@@ -83,5 +86,6 @@ class IdentityModel:
         return pairwise[: len(a), len(a) :]
 
     def same_character(self, difference: np.ndarray) -> np.ndarray:
-        """Boolean array: which differences mean the same character."""
-        return np.asarray(difference) < self.threshold
+        """Boolean array: which differences mean the same character (difference <= threshold,
+        as imgutils' `ccip_same`)."""
+        return np.asarray(difference) <= self.threshold

@@ -18,9 +18,11 @@ DETECTOR_ROLES = ("person", "halfbody", "head", "face")
 CLASSIFIER_ROLES = ("monochrome", "classification", "rating", "aesthetic")
 ROLES = ("tagger", "identity", *DETECTOR_ROLES, *CLASSIFIER_ROLES)
 
-# Confidence thresholds when neither the caller nor the model's spec gives one
-# (the defaults of the real deepghs detectors).
+# Confidence and NMS IoU thresholds when neither the caller nor the model's spec gives
+# one: imgutils' defaults for each detector (`detect_person`, `detect_halfbody`,
+# `detect_heads`, `detect_faces`).
 DEFAULT_CONF_THRESHOLDS = {"person": 0.3, "halfbody": 0.5, "head": 0.4, "face": 0.25}
+DEFAULT_IOU_THRESHOLDS = {"person": 0.5, "halfbody": 0.7, "head": 0.7, "face": 0.7}
 DEFAULT_CLASSIFIER_SIZE = 384
 # Images per call by role: each wrapper's default, by device (`BatchSizes` says why CPU
 # batches are small). The aesthetic model is a classifier but a SwinV2 at 448, like the
@@ -68,7 +70,7 @@ class VisionModels:
         if unknown:
             raise ValueError(f"unknown vision roles {sorted(unknown)}; roles are {list(ROLES)}")
 
-        def defaults(role: str) -> Mapping[str, float]:
+        def defaults(role: str) -> Mapping[str, float | str]:
             try:
                 return registry.spec(str(names[role])).defaults
             except ModelNotFoundError:  # a local path: no spec, no defaults
@@ -76,8 +78,10 @@ class VisionModels:
 
         def detector(role: str) -> YoloDetector:
             conf = thresholds.get(role, defaults(role).get("conf_threshold", DEFAULT_CONF_THRESHOLDS[role]))
-            return YoloDetector(registry.resolve(names[role]), conf_threshold=conf, providers=providers,
-                                batch_size=batch[role])
+            iou = defaults(role).get("iou_threshold", DEFAULT_IOU_THRESHOLDS[role])
+            resize = str(defaults(role).get("resize", "stretch"))
+            return YoloDetector(registry.resolve(names[role]), conf_threshold=float(conf), iou_threshold=float(iou),
+                                providers=providers, batch_size=batch[role], resize=resize)
 
         def classifier(role: str) -> ImageClassifier:
             size = int(defaults(role).get("input_size", DEFAULT_CLASSIFIER_SIZE))

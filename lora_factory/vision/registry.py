@@ -32,7 +32,8 @@ class ModelSpec:
     """One model: which files (relative to the repository root) make it up.
 
     All files of a spec live in one folder of the repository; `resolve` returns that
-    folder. `defaults` holds the model's recommended settings (e.g. conf_threshold).
+    folder. `defaults` holds the model's recommended settings (e.g. conf_threshold,
+    iou_threshold, and for a detector resize: "stretch" or "letterbox").
     A model the project builds itself has no repository but a `build(folder)` that
     writes its files into `folder` (deterministically: it runs on every resolve).
     """
@@ -43,8 +44,12 @@ class ModelSpec:
     revision: str = "main"
     sha256: Mapping[str, str] = field(default_factory=dict)
     kind: str = field(kw_only=True)  # one of KINDS
-    defaults: Mapping[str, float] = field(default_factory=dict)
+    defaults: Mapping[str, float | str] = field(default_factory=dict)
     build: Callable[[Path], object] | None = field(default=None, kw_only=True)
+    # Files some versions of the model ship and the wrapper then follows (a classifier's
+    # preprocess.json): taken from the Hugging Face cache (or downloaded) when the
+    # repository has them, never required.
+    optional_files: tuple[str, ...] = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         if (self.repo_id is None) == (self.build is None):
@@ -76,14 +81,17 @@ class ModelSpec:
         return shlex.join(parts)
 
 
-def _hub(name: str, repo_id: str, folder: str, files: Iterable[str], kind: str, **defaults: float) -> ModelSpec:
-    return ModelSpec(name, repo_id, tuple(f"{folder}/{f}" for f in files), kind=kind, defaults=defaults)
+def _hub(name: str, repo_id: str, folder: str, files: Iterable[str], kind: str, **defaults: float | str) -> ModelSpec:
+    optional = tuple(f"{folder}/{f}" for f in CLASSIFIER_OPTIONAL_FILES) if kind == "classifier" else ()
+    return ModelSpec(name, repo_id, tuple(f"{folder}/{f}" for f in files), kind=kind, defaults=defaults,
+                     optional_files=optional)
 
 
 WD14_FILES = ("model.onnx", "selected_tags.csv")
 CCIP_FILES = ("model_feat.onnx", "model_metrics.onnx", "metrics.json")
 DETECTOR_FILES = ("model.onnx",)
 CLASSIFIER_FILES = ("model.onnx", "meta.json")
+CLASSIFIER_OPTIONAL_FILES = ("preprocess.json",)
 
 # Real models (the deepghs/imgutils repository layouts). Detector
 # folders are named after the model; classifier folders are the chosen variant.
@@ -94,7 +102,7 @@ BUILTIN_SPECS: tuple[ModelSpec, ...] = (
     _hub("ccip-caformer-24-randaug-pruned", "deepghs/ccip_onnx",
          "ccip-caformer-24-randaug-pruned", CCIP_FILES, "identity"),
     _hub("person_detect_v1.1_m", "deepghs/anime_person_detection",
-         "person_detect_v1.1_m", DETECTOR_FILES, "detector", conf_threshold=0.3),
+         "person_detect_v1.1_m", DETECTOR_FILES, "detector", conf_threshold=0.3, iou_threshold=0.5),
     _hub("head_detect_v2.0_s", "deepghs/anime_head_detection",
          "head_detect_v2.0_s", DETECTOR_FILES, "detector", conf_threshold=0.4),
     _hub("face_detect_v1.4_s", "deepghs/anime_face_detection",
@@ -105,8 +113,10 @@ BUILTIN_SPECS: tuple[ModelSpec, ...] = (
          "mobilenetv3_large_100_dist_safe2", CLASSIFIER_FILES, "classifier"),
     _hub("anime_classification", "deepghs/anime_classification",
          "mobilenetv3_v1.5_dist", CLASSIFIER_FILES, "classifier"),
+    # imgutils' default. The repository's model card (last edited June 2023) only lists
+    # the 2023 models and recommends none; this one is from January 2024.
     _hub("anime_rating", "deepghs/anime_rating",
-         "mobilenetv3_sce_dist", CLASSIFIER_FILES, "classifier"),
+         "mobilenetv3_v1_pruned_ls0.1", CLASSIFIER_FILES, "classifier"),
     _hub("anime_aesthetic", "deepghs/anime_aesthetic",
          "swinv2pv3_v0_448_ls0.2_x", CLASSIFIER_FILES, "classifier", input_size=448),
     _hub("ai_image_corrupted", "deepghs/ai_image_corrupted",
@@ -224,6 +234,13 @@ class ModelRegistry:
             except (errors.LocalEntryNotFoundError, errors.EntryNotFoundError, errors.RepositoryNotFoundError,
                     errors.RevisionNotFoundError, errors.HfHubHTTPError, OSError):  # fmt: skip
                 return None, where
+        for file_name in spec.optional_files:
+            try:
+                hf_hub_download(spec.repo_id, file_name, revision=spec.revision, cache_dir=self.hf_cache_dir,
+                                local_files_only=self.offline)
+            except (errors.LocalEntryNotFoundError, errors.EntryNotFoundError, errors.RepositoryNotFoundError,
+                    errors.RevisionNotFoundError, errors.HfHubHTTPError, OSError):  # fmt: skip
+                pass  # the model has none: the wrapper's default preprocessing applies
         return found, where
 
     @staticmethod

@@ -1,8 +1,11 @@
 """WD14 taggers (SmilingWolf wd-*-tagger-v3 / v2, or the tiny one).
 
-Preprocessing as the WD14 reference code: RGB composited on white, padded to a square
-on white (image centred), resized to the model's input size with bicubic resampling,
-RGB -> BGR, float32 0..255, NHWC. `selected_tags.csv` holds the tags in output order
+Preprocessing as the models' author's code (SmilingWolf's tagger app): RGB composited on
+white, padded to a square on white (image centred), resized to the model's input size
+with bicubic resampling, RGB -> BGR, float32 0..255, NHWC; tags above the thresholds,
+or above MCut (characters at least 0.15). imgutils' `get_wd14_tags` answers the same
+except on greyscale pictures, which it pastes through themselves as the mask (dark
+pixels come out lighter), and on transparent palettes, whose hidden colour it shows. `selected_tags.csv` holds the tags in output order
 with their category: 0 general, 4 character, 9 rating.
 """
 
@@ -35,10 +38,11 @@ class TagPrediction:
 
 
 def mcut_threshold(probabilities: np.ndarray) -> float:
-    """Maximum Cut thresholding: the midpoint of the largest gap between sorted scores."""
+    """Maximum Cut thresholding: the midpoint of the largest gap between sorted scores
+    (in float64, as the reference code: a float32 midpoint can round onto a score)."""
     if len(probabilities) < 2:
         return 0.5
-    ordered = np.sort(probabilities)[::-1]
+    ordered = np.sort(np.asarray(probabilities, dtype=np.float64))[::-1]
     gaps = ordered[:-1] - ordered[1:]
     cut = int(gaps.argmax())
     return float((ordered[cut] + ordered[cut + 1]) / 2)
@@ -112,7 +116,7 @@ class WD14Tagger:
         indices = np.flatnonzero(self.categories == category)
         if self.use_mcut and len(indices):
             threshold = max(mcut_floor, mcut_threshold(scores[indices]))
-        chosen = [i for i in indices if scores[i] > threshold]
+        chosen = [i for i in indices if float(scores[i]) > threshold]
         chosen.sort(key=lambda i: -scores[i])
         return {self.tag_names[i]: float(scores[i]) for i in chosen}
 

@@ -27,7 +27,7 @@ from lora_factory.evaluation.recscore import (
     prompt_following,
     score_checkpoints,
 )
-from lora_factory.evaluation.selection import choose_step, fbeta_score
+from lora_factory.evaluation.selection import BASELINE_STEP, choose_step, fbeta_score
 from lora_factory.vision.identity import IdentityModel
 from lora_factory.vision.tagger import WD14Tagger
 
@@ -133,7 +133,7 @@ class StepRenderer:
 
     def render(self, lora_path, prompts):
         self.calls.append(lora_path)
-        step = int(Path(lora_path).stem.split("_")[-1])
+        step = int(Path(lora_path).stem.split("_")[-1]) if lora_path is not None else 0  # no LoRA
         redness = min(step / 300, 1.0)
         colour = tuple(int(round(r * redness + g * (1 - redness))) for r, g in zip(RED, GREEN))
         return [Image.new("RGB", (8, 8), colour if i % 2 == 0 else (30, 30, 200)) for i, _ in enumerate(prompts)]
@@ -182,6 +182,25 @@ def test_score_checkpoints_accepts_features_and_leaves_artefact_empty_without_a_
     )
     assert table["fidelity"].tolist() == [1.0]
     assert table["artefact"].isna().all()
+
+
+def test_baseline_row_scores_the_base_model_without_a_lora(tmp_path):
+    dataset_images = [Image.new("RGB", (8, 8), RED)] * 4
+    renderer = StepRenderer()
+    table, previews = score_checkpoints(
+        [(300, tmp_path / "lora_300.safetensors")], renderer, [prompt("a", ["1girl"]), prompt("b", ["1girl"])],
+        dataset_images, CosineIdentity(), FixedTagger(), baseline=True,
+    )
+    assert renderer.calls == [None, tmp_path / "lora_300.safetensors"]  # the base model first
+    assert list(table["step"]) == [BASELINE_STEP, 300] and table["path"].iloc[0] == ""
+    # Without the LoRA the previews stay green: nothing like the red character.
+    assert table["fidelity"].tolist() == pytest.approx([0.0, 0.5])
+    assert sorted(previews) == [BASELINE_STEP, 300]
+    with pytest.raises(ValueError, match="reserved for the base model"):
+        score_checkpoints(
+            [(BASELINE_STEP, tmp_path / "lora_0.safetensors")], renderer, [prompt("a", ["1girl"])],
+            dataset_images, CosineIdentity(), FixedTagger(), baseline=True,
+        )
 
 
 def test_score_checkpoints_refuses_duplicate_steps(tmp_path):

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from lora_factory.evaluation.selection import (
+    BASELINE_STEP,
     choose_step,
     fbeta_score,
     selection_rule_text,
@@ -64,3 +65,11 @@ def test_gate_without_artefact_scores_and_empty_tables_are_errors():
 def test_rule_text_names_its_parameters():
     assert "beta = 3" in selection_rule_text(3.0)
     assert "at most 0.3" in selection_rule_text(3.0, artefact_gate=0.3)
+
+
+def test_the_baseline_row_is_never_chosen():
+    # The base model without the LoRA is only the reference, even when it scores best.
+    rows = table([(BASELINE_STEP, 0.9, 0.9, 0.0), (100, 0.2, 0.5, 0.0), (200, 0.4, 0.5, 0.0)])
+    assert choose_step(rows) == 200
+    with pytest.raises(ValueError, match="only the baseline row"):
+        choose_step(table([(BASELINE_STEP, 0.9, 0.9, 0.0)]))

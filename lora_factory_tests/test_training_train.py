@@ -11,11 +11,12 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from lora_factory.training.config import TrainingConfig
+from lora_factory.training.config import LOSS_LOG_NAME, TrainingConfig
 from lora_factory.training.dataset import TrainingExample
 from lora_factory.training.job import TrainingJob
 from lora_factory.training.kohya_format import kohya_module_name, read_kohya_lora
@@ -107,6 +108,11 @@ def test_run_writes_kohya_checkpoints(trained, tiny_sd):
     manifest = json.loads((output_dir / MANIFEST_NAME).read_text())
     assert manifest["status"] == "finished" and len(manifest["checkpoints"]) == 2
     assert not (output_dir / STATE_DIR_NAME / STATE_FILE_NAME).exists()
+    # Every step's loss, as kohya's TensorBoard users see it.
+    losses = pd.read_csv(output_dir / LOSS_LOG_NAME)
+    assert list(losses["step"]) == [1, 2, 3, 4] and list(losses["epoch"]) == [1, 1, 1, 1]
+    assert losses["loss"].between(0, 10).all()
+    assert losses["learning_rate"].iloc[0] > 0 and losses["learning_rate"].is_monotonic_decreasing  # cosine
 
 
 def test_checkpoint_loads_in_diffusers_without_key_warnings(trained, tiny_sd, capfd):
@@ -180,6 +186,9 @@ def test_sigkilled_training_process_resumes_to_the_same_weights(trained, tiny_sd
     # Seeded by position, restored optimizer and batch order: bit-identical to the uninterrupted run.
     assert [(c.step, c.sha256) for c in resumed] == [(c.step, c.sha256) for c in uninterrupted]
     assert not state.exists()
+    # The steps repeated after the resume point are logged once, with the same losses.
+    trained_dir, _, _ = trained
+    assert (tmp_path / "run" / LOSS_LOG_NAME).read_bytes() == (trained_dir / LOSS_LOG_NAME).read_bytes()
 
 
 def test_changed_inputs_replace_the_previous_run(tiny_sd, examples, tmp_path):

@@ -18,6 +18,7 @@ from lora_factory.evaluation.prompts import preview_prompts
 from lora_factory.evaluation.recscore import score_checkpoints
 from lora_factory.evaluation.release import METRICS_FILE, MODEL_CARD, write_release
 from lora_factory.evaluation.selection import (
+    BASELINE_STEP,
     DEFAULT_BETA,
     choose_step,
     selection_rule_text,
@@ -85,7 +86,7 @@ class ChosenModelFiles(AssetFiles):
 
 @character_asset(
     group_name="evaluation",
-    code_version="2",
+    code_version="3",
     deps=[lora_checkpoints, captions, cleaned_crops, character_index],
     gpu=True,
     description=(
@@ -93,7 +94,8 @@ class ChosenModelFiles(AssetFiles):
         "cluster plus framing, pose and expression prompts; fixed seeds), fidelity = share "
         "of (preview, dataset) pairs the identity model calls the same character normalised "
         "by the dataset's own agreement, prompt following = tagger confidence on the "
-        "prompts' tags, and their F-beta score."
+        "prompts' tags, and their F-beta score. Row step 0 is the base model without the "
+        "LoRA (same prompts and seeds): the baseline the checkpoints must beat."
     ),
 )
 def recscore_table(
@@ -143,6 +145,7 @@ def recscore_table(
                 models.tagger,
                 context.log,
                 beta=config.beta,
+                baseline=True,
             )
             del renderer  # its weights leave the GPU before the lock does
         for step, images in previews.items():
@@ -154,7 +157,9 @@ def recscore_table(
         atomic_write_bytes(
             grid_path,
             image_grid_png(
-                [previews[s] for s in steps], [f"step {s}" for s in steps], [p.name for p in prompts]
+                [previews[s] for s in steps],
+                ["no LoRA" if s == BASELINE_STEP else f"step {s}" for s in steps],
+                [p.name for p in prompts],
             ),
         )
         atomic_write_bytes(curve_path, metric_curve_png(table))

@@ -15,8 +15,9 @@ from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.captioning.captions import tag_frequency
 from lora_factory.provenance import fingerprint
 from lora_factory.resources import BaseModelResource, FactoryStorage
+from lora_factory.reporting import markdown_image, metric_curve_png
 from lora_factory.storage import read_json, read_table, write_table
-from lora_factory.training.config import MANIFEST_NAME, TrainingConfig
+from lora_factory.training.config import LOSS_LOG_NAME, MANIFEST_NAME, TrainingConfig
 
 TrainingSettings = settings_for(
     TrainingConfig,
@@ -50,7 +51,7 @@ class LoraCheckpointsFiles(AssetFiles):
 
 @character_asset(
     group_name="training",
-    code_version="3",
+    code_version="4",
     deps=[buckets, captions],
     gpu=True,
     description=(
@@ -126,6 +127,7 @@ def lora_checkpoints(
         stage.finish(fingerprint(list(table["sha256"])), {"checkpoints": len(table)})
     table = read_table(table_path)
     run = read_json(output_dir / MANIFEST_NAME)
+    losses = pd.read_csv(output_dir / LOSS_LOG_NAME)
     return stage.result(
         {
             "dagster/row_count": len(table),
@@ -134,5 +136,34 @@ def lora_checkpoints(
             "checkpoints": table_metadata(table[["step", "epoch", "sha256", "path"]]),
             "final_checkpoint": dg.MetadataValue.path(table["path"].iloc[-1]),
             "output_dir": dg.MetadataValue.path(stage.files.relative(output_dir)),
-        }
+            # A number, so that the UI's plots chart it across runs.
+            "final_loss": dg.MetadataValue.float(final_loss(losses)),
+            "loss": table_metadata(loss_windows(losses)),
+        },
+        pictures={
+            "loss_curve": lambda: markdown_image(
+                metric_curve_png(smoothed_loss(losses), ys=("loss", "smoothed"), title="training loss"), "loss"
+            )
+        },
     )
+
+
+def final_loss(losses: pd.DataFrame) -> float:
+    """The mean loss of the last tenth of the steps: one step's loss is mostly noise (its
+    timesteps and noise are random)."""
+    return float(losses["loss"].tail(max(1, len(losses) // 10)).mean())
+
+
+def loss_windows(losses: pd.DataFrame, windows: int = 50) -> pd.DataFrame:
+    """The loss averaged over at most `windows` runs of consecutive steps (the table the UI
+    shows; every step is in the run's `loss.csv`)."""
+    group = (losses.index * windows // max(1, len(losses))).rename("window")
+    return losses.groupby(group).agg(
+        step=("step", "last"), epoch=("epoch", "last"), loss=("loss", "mean"), learning_rate=("learning_rate", "last")
+    ).reset_index(drop=True)
+
+
+def smoothed_loss(losses: pd.DataFrame) -> pd.DataFrame:
+    """Every step's loss with a moving average over a twentieth of the run."""
+    window = max(1, len(losses) // 20)
+    return losses.assign(smoothed=losses["loss"].rolling(window, min_periods=1).mean())

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from lora_factory.evaluation.prompts import PreviewPrompt
-from lora_factory.evaluation.selection import DEFAULT_BETA, fbeta_score
+from lora_factory.evaluation.selection import BASELINE_STEP, DEFAULT_BETA, fbeta_score
 
 RECSCORE_COLUMNS = ["step", "path", "fidelity", "prompt_following", "artefact", "score"]
 CORRUPTED_LABEL = "corrupted"
@@ -155,8 +155,12 @@ def score_checkpoints(
     beta: float = DEFAULT_BETA,
     max_dataset_images: int = 256,
     sample_seed: int = 0,
+    baseline: bool = False,
 ) -> tuple[pd.DataFrame, dict[int, list[Image.Image]]]:
     """Render `prompts` at every checkpoint and score the previews.
+
+    With `baseline`, the base model without the LoRA is scored too, as step
+    `BASELINE_STEP` (0) with an empty path: what the LoRA adds is the distance to it.
 
     `dataset` is either the dataset's identity features ([N, D] array; the crops'
     stored embeddings spare embedding them again) or its images.
@@ -184,8 +188,12 @@ def score_checkpoints(
 
     rows: list[dict[str, Any]] = []
     previews: dict[int, list[Image.Image]] = {}
-    for step, path in sorted(checkpoints, key=lambda item: int(item[0])):
-        images = renderer.render(Path(path), prompts)
+    if BASELINE_STEP in steps:
+        raise ValueError(f"checkpoint step {BASELINE_STEP} is reserved for the base model's baseline row")
+    runs: list[tuple[int, Path | None]] = [(BASELINE_STEP, None)] if baseline else []
+    runs += [(int(step), Path(path)) for step, path in sorted(checkpoints, key=lambda item: int(item[0]))]
+    for step, path in runs:
+        images = renderer.render(path, prompts)
         if len(images) != len(prompts):
             raise RuntimeError(f"the renderer gave {len(images)} images for {len(prompts)} prompts")
         fid = fidelity(identity.embed(images), dataset_feats, identity, upper_bound)
@@ -197,7 +205,7 @@ def score_checkpoints(
         rows.append(
             {
                 "step": int(step),
-                "path": str(path),
+                "path": str(path) if path is not None else "",
                 "fidelity": fid,
                 "prompt_following": following,
                 "artefact": artefact,
@@ -205,8 +213,9 @@ def score_checkpoints(
             }
         )
         previews[int(step)] = images
+        name = "base model (no LoRA)" if path is None else f"step {step}"
         log.info(
-            f"RecScore step {step}: fidelity {fid:.3f}, prompt following {following:.3f}, "
+            f"RecScore {name}: fidelity {fid:.3f}, prompt following {following:.3f}, "
             f"artefact {artefact:.3f}, F{beta:g} {score:.3f}"
         )
     table = pd.DataFrame(rows, columns=RECSCORE_COLUMNS).astype(

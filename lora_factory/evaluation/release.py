@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from lora_factory.evaluation.prompts import PreviewPrompt, tag_to_prompt_text
-from lora_factory.evaluation.selection import DEFAULT_BETA, selection_rule_text
+from lora_factory.evaluation.selection import BASELINE_STEP, DEFAULT_BETA, selection_rule_text
 from lora_factory.index.character_index import CharacterRow
 from lora_factory.storage import atomic_copy, atomic_write_bytes, sha256_file
 
@@ -218,7 +218,7 @@ def _markdown_score_table(rows: list[dict[str, Any]], chosen_step: int) -> str:
             p=_number(row["prompt_following"]),
             a=_number(row["artefact"]),
             s=_number(row["score"]),
-            mark="**chosen**" if row["step"] == chosen_step else "",
+            mark={chosen_step: "**chosen**", BASELINE_STEP: "base model, no LoRA"}.get(row["step"], ""),
         )
         for row in rows
     ]

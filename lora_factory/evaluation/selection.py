@@ -13,7 +13,8 @@ The rule (CyberHarem's, written into every model card by `SELECTION_RULE`):
 3. When an artefact gate is set, a step whose artefact score (mean probability the
    corruption classifier gives to "corrupted") is above the gate cannot be chosen.
 4. The step with the highest F_beta wins; on a tie the earlier step wins (less training,
-   less over-fitting for the same score).
+   less over-fitting for the same score). The baseline row (step 0: the base model without
+   the LoRA) is a reference, never a candidate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import math
 import pandas as pd
 
 DEFAULT_BETA = 3.0
+# The RecScore row of the base model without the LoRA, rendered with the same prompts and
+# seeds: what the checkpoints must beat.
+BASELINE_STEP = 0
 
 SELECTION_RULE = (
     "Each checkpoint renders the same preview prompts with the same seeds. Fidelity F is the "
@@ -72,7 +76,9 @@ def choose_step(
         raise ValueError(f"choose_step: the RecScore table lacks column(s) {missing}")
     if table.empty:
         raise ValueError("choose_step: the RecScore table has no checkpoints; train the LoRA first")
-    candidates = table
+    candidates = table[table["step"] != BASELINE_STEP]
+    if candidates.empty:
+        raise ValueError("choose_step: the RecScore table has only the baseline row; train the LoRA first")
     if artefact_gate is not None:
         artefact = pd.to_numeric(table["artefact"], errors="coerce")
         if artefact.isna().all():
@@ -80,7 +86,7 @@ def choose_step(
                 "choose_step: an artefact gate was set but no checkpoint has an artefact score; "
                 "configure the artefact classifier or set artefact_gate=None"
             )
-        candidates = table[artefact <= artefact_gate]
+        candidates = candidates[artefact <= artefact_gate]
         if candidates.empty:
             raise ValueError(
                 f"choose_step: no checkpoint passes the artefact gate {artefact_gate:g} "

@@ -42,6 +42,8 @@ TARGET_CHECKPOINTS = 10
 # A training run's manifest in its output folder (here, not in train.py, so that reading it
 # does not import torch).
 MANIFEST_NAME = "run.json"
+# Every step's training loss (step, epoch, loss, learning_rate), next to the checkpoints.
+LOSS_LOG_NAME = "loss.csv"
 
 # "adamw" is bitsandbytes' 8-bit AdamW when bitsandbytes and a GPU are present (a quarter of
 # the optimizer memory), torch's AdamW otherwise; "adamw8bit" insists on the 8-bit one.

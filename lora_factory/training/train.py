@@ -32,9 +32,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lora_factory.storage import atomic_write_json, sha256_file
+from lora_factory.storage import atomic_write_json, atomic_write_text, sha256_file
 from lora_factory.training.base_model import base_weights_sha256, load_base_model, pick_device
-from lora_factory.training.config import MANIFEST_NAME, TrainingConfig
+from lora_factory.training.config import LOSS_LOG_NAME, MANIFEST_NAME, TrainingConfig
 from lora_factory.training.dataset import CaptionedLatentDataset, TrainingExample
 from lora_factory.training.gpu import claimed_device
 from lora_factory.training.kohya_format import (
@@ -330,14 +330,18 @@ class LoraCheckpointSaver(L.Callback):
         self._losses: list[float] = []
         self._window_start = time.perf_counter()
         self._window_first_step = 0
+        self.loss_log = LossLog(output_dir / LOSS_LOG_NAME)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._window_start = time.perf_counter()
         self._window_first_step = trainer.global_step
+        self.loss_log.start_at(trainer.global_step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
         step = trainer.global_step
-        self._losses.append(float(outputs["loss"]))
+        loss = float(outputs["loss"])
+        self._losses.append(loss)
+        self.loss_log.append(step, self.epoch_of(step), loss, trainer.optimizers[0].param_groups[0]["lr"])
         if step in self.steps_to_save:
             self._save(trainer, module, step)
         if step % self.config.log_every_n_steps == 0 or step == self.config.max_train_steps:
@@ -370,6 +374,29 @@ class LoraCheckpointSaver(L.Callback):
         )
         self._losses.clear()
         self._window_start, self._window_first_step = now, step
+
+
+class LossLog:
+    """Every step's training loss in a CSV file (step, epoch, loss, learning_rate), the
+    record kohya users read in TensorBoard. Floats are written exactly (repr), so a resumed
+    run, which repeats the same seeded steps, writes the same file as an uninterrupted one."""
+
+    HEADER = "step,epoch,loss,learning_rate\n"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def start_at(self, step: int) -> None:
+        """Keep the records up to `step`, where training (re)starts: a resumed run repeats
+        the steps after its last save."""
+        kept = []
+        if step > 0 and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()[1:] if int(line.split(",")[0]) <= step]
+        atomic_write_text(self.path, self.HEADER + "".join(f"{line}\n" for line in kept))
+
+    def append(self, step: int, epoch: int, loss: float, learning_rate: float) -> None:
+        with self.path.open("a") as log:
+            log.write(f"{step},{epoch},{loss!r},{float(learning_rate)!r}\n")
 
 
 def _metadata_factory(

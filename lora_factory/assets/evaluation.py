@@ -163,7 +163,8 @@ def recscore_table(
             ),
         )
         atomic_write_bytes(curve_path, metric_curve_png(table))
-        table["path"] = table["path"].map(lambda path: stage.files.relative(path))
+        # Home-relative checkpoint paths; the baseline row has no checkpoint ("").
+        table["path"] = table["path"].map(lambda path: stage.files.relative(path) if path else "")
         write_table(table, table_path)
         stage.finish(frame_hash(table, ["step", "fidelity", "prompt_following", "score"]), {})
     table = read_table(table_path)

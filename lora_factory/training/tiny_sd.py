@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -178,23 +179,24 @@ def _tiny_pipeline(tokenizer_dir: Path, seed: int):
     )
 
 
-def write_byte_level_bpe(folder: Path) -> dict[str, int]:
-    """Write CLIP-style `vocab.json` + `merges.txt` for a tiny byte-level BPE; return the vocab.
+def write_byte_level_bpe(folder: Path, merges: Sequence[tuple[str, str]] = TINY_MERGES) -> dict[str, int]:
+    """Write CLIP-style `vocab.json` + `merges.txt` for a small byte-level BPE; return the vocab.
 
     Vocabulary order follows CLIP's: the 256 byte symbols, the same with the end-of-word
-    marker, one token per merge, then the start and end tokens (so they get the last ids).
+    marker, one token per merge (in merge order), then the start and end tokens (so they
+    get the last ids). `merges` are (left, right) symbol pairs, earliest applied first.
     """
     folder.mkdir(parents=True, exist_ok=True)
     symbols = list(byte_symbols().values())
     tokens = symbols + [symbol + END_OF_WORD for symbol in symbols]
-    tokens += ["".join(pair) for pair in TINY_MERGES]
+    tokens += ["".join(pair) for pair in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ValueError("the tiny BPE merges produce a duplicate token")
+        raise ValueError("the BPE merges produce a duplicate token")
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges = "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in TINY_MERGES)
-    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    lines = "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges)
+    (folder / "merges.txt").write_text(lines, encoding="utf-8")
     return vocab
 
 

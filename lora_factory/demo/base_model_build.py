@@ -1,0 +1,714 @@
+"""The demo base model: a small SD1.5-shaped text-to-image model trained on the demo world.
+
+The tiny random-weight model (`lora_factory.training.tiny_sd`) only checks that the
+factory's plumbing works: it draws noise, so a LoRA trained on it learns nothing one
+can see. This model is trained on the demo world's own pictures (a generic population
+of figures, `lora_factory.demo.world_population`, never the index's characters), so it
+draws figures in the world's flat colours and follows their tags (`red hair`, `horns`,
+`navy jacket`, `upper body`). A LoRA trained on it then has a real character to learn.
+
+Not finished: FULL_BUILD's model follows framing and horns but not yet colours (its
+autoencoder loses hue: hair colour survives a round trip in about half of the figures,
+eye colour rarely; `measure_autoencoder`), so the demo deployment still uses the tiny
+random model and no weights ship with the package.
+
+It is a diffusers `StableDiffusionPipeline` folder with SD1.5's component classes and
+layout, only smaller; the factory loads it like any SD1.5 model
+(`training.base_model.load_base_model`), and LoRA keys follow SD1.5's rules:
+- VAE: `AutoencoderKL`, x8 downsampling to 4 latent channels, 128 px images. Trained on
+  random 64 px crops (it is convolutional; crops cost a quarter), then its decoder alone
+  is fine-tuned on whole pictures with the encoder frozen (colour is what the first
+  stage learns last). The scaling factor gives the latents unit variance.
+- Text encoder: `CLIPTextModel`, width 64, 4 layers, with a CLIP-style byte-level BPE
+  whose merges build every word of the demo world's tags (and of the preview prompts'
+  quality tags and standard negative prompt) as one token, so captions fit in 77 tokens.
+  It is trained with clip skip 2 (penultimate layer), the factory's default.
+- UNet: `UNet2DConditionModel`, 16x16 latents, block_out_channels (32, 64, 64), one
+  layer per block, cross-attention in the first two down and last two up blocks and in
+  the middle, as SD1.5 places it. Epsilon prediction on SD1.5's DDPM schedule
+  (scaled_linear 0.00085-0.012, 1000 steps), Min-SNR-5 loss weighting (converges
+  faster), an exponential moving average of the weights is what is saved. 10% of the
+  captions are dropped (empty, or the standard negative prompt, which previews use as
+  their negative prompt) so that classifier-free guidance (3-5 suits it) works.
+
+Rebuild: `python -m lora_factory.demo.base_model_build --out DIR` (FULL_BUILD's step counts;
+`--tiny` for a seconds-long smoke build). Every phase runs on one CPU thread from fixed
+seeds, so a rebuild on the same torch version and CPU kind gives byte-identical weights
+(checked by building twice and comparing the weight files' sha256); another torch
+version or CPU instruction set may change float rounding and so the weights, but not
+what the model has learnt. `--measure DIR` re-runs the measurements
+(`measure_autoencoder`, `measure_colour_following`) and writes sample grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lora_factory.demo.palette import (
+    BACKGROUNDS,
+    EYE_COLOURS,
+    FEATURE_COLOURS,
+    GARMENT_COLOURS,
+    HAIR_COLOURS,
+    SKIN,
+)
+from lora_factory.demo.world_population import (
+    FRAMINGS,
+    caption_text,
+    generate_population,
+)
+from lora_factory.evaluation import prompts as preview_prompt_sets
+from lora_factory.training.base_model import encode_token_ids, tokenize_captions
+from lora_factory.training.sd15_architecture import SD15_NOISE_SCHEDULE
+from lora_factory.training.tiny_sd import (
+    BOS_TOKEN,
+    END_OF_WORD,
+    EOS_TOKEN,
+    MAX_TOKENS,
+    write_byte_level_bpe,
+)
+
+RECIPE_VERSION = 1
+BUILD_MARKER = "demo_base_model.json"
+IMAGE_SIZE = 128
+LATENT_SIZE = IMAGE_SIZE // 8
+CLIP_SKIP = 2  # the factory's default: the model is trained the way LoRAs will be
+TRAIN_POPULATION_SEED = 0
+HELDOUT_POPULATION_SEED = 1  # a different population: never seen in training
+
+VAE_CHANNELS = (16, 32, 64, 64)
+VAE_CROP = 64
+UNET_CHANNELS = (32, 64, 64)
+UNET_HEADS = 4
+TEXT_WIDTH = 64
+TEXT_LAYERS = 4
+
+# Caption augmentation: unconditional captions for classifier-free guidance (half empty,
+# half the standard negative prompt, so a negative prompt acts like an empty one), tag
+# dropout (a prompt that leaves a tag out still draws a figure), and the quality tags
+# that preview prompts start with.
+EMPTY_CAPTION_SHARE = 0.05
+NEGATIVE_CAPTION_SHARE = 0.05
+TAG_DROPOUT = 0.1
+QUALITY_PREFIX_SHARE = 0.3
+MIN_SNR_GAMMA = 5.0
+
+
+@dataclass(frozen=True)
+class BuildSteps:
+    """How much of everything one build draws and trains."""
+
+    train_images: int
+    vae_steps: int
+    vae_batch: int
+    decoder_steps: int
+    decoder_batch: int
+    unet_steps: int
+    unet_batch: int
+    vae_lr: float = 1e-3
+    unet_lr: float = 6e-4
+    unet_warmup: int = 200
+    ema_decay: float = 0.999
+
+
+FULL_BUILD = BuildSteps(
+    train_images=4000,
+    vae_steps=600,
+    vae_batch=12,
+    decoder_steps=250,
+    decoder_batch=8,
+    unet_steps=4000,
+    unet_batch=16,
+)
+TINY_BUILD = BuildSteps(
+    train_images=24,
+    vae_steps=3,
+    vae_batch=4,
+    decoder_steps=2,
+    decoder_batch=4,
+    unet_steps=3,
+    unet_batch=4,
+    unet_warmup=1,
+)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+# CLIP's pre-tokenizer splits text into letter runs, single digits and punctuation runs
+# (`1girl` -> `1`, `girl`); these are the ASCII cases of its pattern.
+_PRE_TOKEN = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
+
+
+def world_words() -> list[str]:
+    """Every pre-token of the demo world's tags and of the preview prompts' fixed parts."""
+    tags = [
+        *HAIR_COLOURS, *EYE_COLOURS, *FEATURE_COLOURS, *GARMENT_COLOURS, *BACKGROUNDS,
+        *FRAMINGS, "1girl", "1boy", "2girls", "multiple_girls", "solo", "long_hair",
+        "short_hair", "standing", "looking_at_viewer", "simple_background", "monochrome",
+        "greyscale", "no_humans", "transparent_background",
+    ]  # fmt: skip
+    tags += [garment.rsplit("_", 1)[-1] for garment in GARMENT_COLOURS]
+    prompt_tags = [
+        *preview_prompt_sets.QUALITY_TAGS,
+        *(tag for group in (
+            preview_prompt_sets.FRAMING_PROMPTS, preview_prompt_sets.OUTFIT_CHANGE_PROMPTS,
+            (preview_prompt_sets.FEMALE_OUTFIT_CHANGE, preview_prompt_sets.MALE_OUTFIT_CHANGE),
+            preview_prompt_sets.POSE_PROMPTS, preview_prompt_sets.EXPRESSION_PROMPTS,
+        ) for _, group_tags in group for tag in group_tags),
+    ]  # fmt: skip
+    text = " ".join([caption_text(tags + prompt_tags), preview_prompt_sets.STANDARD_NEGATIVE_PROMPT])
+    return sorted(set(_PRE_TOKEN.findall(text.lower())))
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one pre-token: merge the best-ranked adjacent pair until none is known."""
+    pieces = [*word[:-1], word[-1] + END_OF_WORD]
+    while len(pieces) > 1:
+        best = min(pairwise(pieces), key=lambda pair: ranks.get(pair, math.inf))
+        if best not in ranks:
+            break
+        merged, index = [], 0
+        while index < len(pieces):
+            if index + 1 < len(pieces) and (pieces[index], pieces[index + 1]) == best:
+                merged.append(pieces[index] + pieces[index + 1])
+                index += 2
+            else:
+                merged.append(pieces[index])
+                index += 1
+        pieces = merged
+    return pieces
+
+
+def word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """BPE merges under which every word of `words` is a single token.
+
+    Each word is joined from the left, one merge at a time, on top of what earlier merges
+    already make of it. A merge is only ever appended: at every step of an earlier word's
+    BPE a better-ranked merge applied, so later merges never change its result.
+    """
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    made = set()
+    for word in words:
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if "".join(pair) in made:  # the same token from another split: one vocab entry each
+                raise ValueError(f"merging {pair} for {word!r} would make a token twice")
+            made.add("".join(pair))
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            pieces = _bpe(word, ranks)
+    return merges
+
+
+def write_world_tokenizer(folder: Path) -> dict[str, int]:
+    """Write the demo world's CLIP tokenizer files (`vocab.json`, `merges.txt`); return the vocab."""
+    words = [word for word in world_words() if len(word) > 1]  # one letter is a token already
+    return write_byte_level_bpe(folder, merges=word_merges(words))
+
+
+# ---------------------------------------------------------------------------- data
+def population_tensor(seed: int, count: int) -> tuple[torch.Tensor, list[tuple[str, ...]]]:
+    """`count` population figures as uint8 [N, 3, H, W] pixels, with their tags."""
+    pixels = torch.empty(count, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    tags = []
+    for index, figure in enumerate(generate_population(seed, count, IMAGE_SIZE)):
+        pixels[index] = torch.from_numpy(np.array(figure.image)).permute(2, 0, 1)
+        tags.append(figure.tags)
+    return pixels, tags
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1.0
+
+
+def training_caption(tags: Sequence[str], rng: random.Random) -> str:
+    """One augmented caption of a figure's tags (see the caption augmentation constants)."""
+    draw = rng.random()
+    if draw < EMPTY_CAPTION_SHARE:
+        return ""
+    if draw < EMPTY_CAPTION_SHARE + NEGATIVE_CAPTION_SHARE:
+        return preview_prompt_sets.STANDARD_NEGATIVE_PROMPT
+    kept = [tag for tag in tags if rng.random() >= TAG_DROPOUT]
+    rng.shuffle(kept)
+    if rng.random() < QUALITY_PREFIX_SHARE:
+        kept = [*preview_prompt_sets.QUALITY_TAGS, *kept]
+    return caption_text(kept)
+
+
+# ---------------------------------------------------------------------------- models
+def new_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamples: x8 like SD1.5
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=1.0,  # measured after training
+    )
+
+
+def new_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=UNET_CHANNELS,
+        layers_per_block=1,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=UNET_HEADS,  # SD1.5's config calls the head count "attention_head_dim"
+        norm_num_groups=16,
+        use_linear_projection=False,  # SD1.5: proj_in / proj_out are 1x1 convolutions
+    )
+
+
+def new_text_encoder(vocab: dict[str, int]):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=4 * TEXT_WIDTH,
+            num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            hidden_act="quick_gelu",
+            projection_dim=TEXT_WIDTH,
+            bos_token_id=vocab[BOS_TOKEN],
+            eos_token_id=vocab[EOS_TOKEN],
+            pad_token_id=vocab[EOS_TOKEN],
+        )
+    )
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth: a factor of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------- training
+Log = Callable[[str], None]
+
+
+def train_vae(pixels: torch.Tensor, steps: BuildSteps, seed: int, log: Log):
+    """Stage 1: the whole autoencoder on random crops (L1 + a tiny KL term, as SD's VAE)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = new_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=steps.vae_lr, weight_decay=0.0)
+    started = time.monotonic()
+    for step in range(steps.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = steps.vae_lr * _cosine_lr(step, steps.vae_steps, min(50, steps.vae_steps // 10 + 1))
+        batch = torch.stack([_random_crop(pixels[rng.randrange(len(pixels))], rng) for _ in range(steps.vae_batch)])
+        target = to_unit_range(batch)
+        posterior = vae.encode(target).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = (reconstruction - target).abs().mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _log_progress(log, "vae", step, steps.vae_steps, loss.item(), started)
+    return vae
+
+
+def _random_crop(image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    top, left = rng.randrange(IMAGE_SIZE - VAE_CROP + 1), rng.randrange(IMAGE_SIZE - VAE_CROP + 1)
+    return image[:, top : top + VAE_CROP, left : left + VAE_CROP]
+
+
+def finetune_decoder(vae, pixels: torch.Tensor, steps: BuildSteps, seed: int, log: Log) -> None:
+    """Stage 2: the decoder alone on whole pictures, from the frozen encoder's latents."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    decoder_parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    optimizer = torch.optim.AdamW(decoder_parameters, lr=steps.vae_lr / 2, weight_decay=0.0)
+    started = time.monotonic()
+    for step in range(steps.decoder_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = steps.vae_lr / 2 * _cosine_lr(step, steps.decoder_steps, 1)
+        target = to_unit_range(pixels[[rng.randrange(len(pixels)) for _ in range(steps.decoder_batch)]])
+        with torch.no_grad():
+            latents = vae.encode(target).latent_dist.mode()  # what LoRA training encodes with
+        loss = (vae.decode(latents).sample - target).abs().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _log_progress(log, "decoder", step, steps.decoder_steps, loss.item(), started)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Unscaled latents (posterior mode) of every picture."""
+    chunks = [pixels[i : i + batch] for i in range(0, len(pixels), batch)]
+    return torch.cat([vae.encode(to_unit_range(chunk)).latent_dist.mode() for chunk in chunks])
+
+
+def train_unet(
+    latents: torch.Tensor,
+    tags: list[tuple[str, ...]],
+    tokenizer,
+    vocab: dict[str, int],
+    steps: BuildSteps,
+    seed: int,
+    log: Log,
+    snapshot: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
+    snapshot_every: int = 1000,
+):
+    """Stage 3: text encoder and UNet together, as a text-to-image diffusion model.
+
+    Returns the exponential moving averages of both (what sampling should use).
+    `snapshot(step, unet, text_encoder)` is handed those averages every `snapshot_every`
+    steps, so that a long build can be looked at before it ends.
+    """
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    unet, text_encoder = new_unet(), new_text_encoder(vocab)
+    models = torch.nn.ModuleList([unet, text_encoder])
+    averaged = copy.deepcopy(models).requires_grad_(False)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=steps.unet_lr, weight_decay=0.01)
+    schedule = DDPMScheduler(**SD15_NOISE_SCHEDULE)
+    alphas_cumprod = schedule.alphas_cumprod
+    started = time.monotonic()
+    for step in range(steps.unet_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = steps.unet_lr * _cosine_lr(step, steps.unet_steps, steps.unet_warmup)
+        picks = [rng.randrange(len(latents)) for _ in range(steps.unet_batch)]
+        captions = [training_caption(tags[i], rng) for i in picks]
+        token_ids = tokenize_captions(tokenizer, captions)
+        clean = latents[picks]
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(picks),))
+        noisy = schedule.add_noise(clean, noise, timesteps)
+        hidden = encode_token_ids(text_encoder, token_ids, CLIP_SKIP)
+        predicted = unet(noisy, timesteps, hidden).sample
+        # Min-SNR-gamma weighting for epsilon prediction: min(SNR, gamma) / SNR.
+        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+        weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+        loss = (weight * (predicted - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        optimizer.step()
+        decay = min(steps.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for average, current in zip(averaged.parameters(), models.parameters(), strict=True):
+                average.lerp_(current, 1 - decay)
+        _log_progress(log, "unet", step, steps.unet_steps, loss.item(), started)
+        if snapshot is not None and (step + 1) % snapshot_every == 0 and step + 1 < steps.unet_steps:
+            snapshot(step + 1, averaged[0], averaged[1])
+    return averaged[0], averaged[1]
+
+
+def _log_progress(log: Log, phase: str, step: int, total: int, loss: float, started: float) -> None:
+    if step % 50 == 0 or step == total - 1:
+        elapsed = time.monotonic() - started
+        log(f"{phase} step {step + 1}/{total} loss {loss:.4f} elapsed {elapsed:.0f}s")
+
+
+# ---------------------------------------------------------------------------- build
+def build_demo_base_model(
+    out: Path,
+    steps: BuildSteps = FULL_BUILD,
+    seed: int = 0,
+    log: Log = print,
+    snapshots: Path | None = None,
+) -> Path:
+    """Train the demo base model and save its pipeline folder at `out` (which must not exist).
+
+    One CPU thread, fixed seeds (see the module docstring on reproducibility). The
+    folder appears atomically: it is built next to `out` and renamed. With `snapshots`,
+    the UNet stage's intermediate models are saved there too (`step_001000`, ...).
+    """
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: remove it or choose another folder")
+    torch.set_num_threads(1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    began = time.monotonic()
+    try:
+        vocab = write_world_tokenizer(staging / "tokenizer_source")
+        tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer_source", model_max_length=MAX_TOKENS)
+        log(f"tokenizer: {len(vocab)} tokens")
+        pixels, tags = population_tensor(TRAIN_POPULATION_SEED + seed, steps.train_images)
+        log(f"drew {len(pixels)} training figures")
+        with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+            vae = train_vae(pixels, steps, seed, log)
+            finetune_decoder(vae, pixels, steps, seed + 1, log)
+            vae.eval()
+            latents = encode_latents(vae, pixels)
+            # Rounded, so the config holds a readable number; latents get unit variance.
+            scaling_factor = float(f"{1.0 / latents.std().item():.5g}")
+            vae.register_to_config(scaling_factor=scaling_factor)
+            log(f"vae scaling factor {scaling_factor}")
+            marker = {
+                "recipe_version": RECIPE_VERSION,
+                "seed": seed,
+                "steps": asdict(steps),
+                "torch": torch.__version__,
+            }
+
+            def save(folder: Path, unet, text_encoder) -> None:
+                _save_pipeline(folder, vae, text_encoder, tokenizer, unet, staging / "tokenizer_source", marker)
+
+            def snapshot(step: int, unet, text_encoder) -> None:
+                save(snapshots / f"step_{step:06d}", unet, text_encoder)
+                log(f"saved snapshot {snapshots / f'step_{step:06d}'}")
+
+            unet, text_encoder = train_unet(
+                latents * scaling_factor, tags, tokenizer, vocab, steps, seed + 2, log,
+                snapshot=snapshot if snapshots is not None else None,
+            )  # fmt: skip
+        build_dir = staging / "pipeline"
+        save(build_dir, unet, text_encoder)
+        build_dir.replace(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"built {out} in {time.monotonic() - began:.0f}s")
+    return out
+
+
+def _save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, tokenizer_source: Path, marker: dict) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    scheduler = PNDMScheduler(
+        **SD15_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
+    )  # SD1.5's own scheduler config
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # the classic files, for older readers
+        shutil.copyfile(tokenizer_source / name, folder / "tokenizer" / name)
+    (folder / BUILD_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------- measurements
+# Every colour a demo picture may hold; a pixel is read as its nearest one.
+WORLD_COLOURS: dict[str, tuple[int, int, int]] = {
+    **HAIR_COLOURS, **EYE_COLOURS, **FEATURE_COLOURS, **GARMENT_COLOURS, "skin": SKIN, **BACKGROUNDS,
+}  # fmt: skip
+_NAMES = list(WORLD_COLOURS)
+_RGB = torch.tensor([WORLD_COLOURS[name] for name in _NAMES], dtype=torch.float32)
+
+
+def nearest_world_colours(image: torch.Tensor) -> torch.Tensor:
+    """For a float [3, H, W] 0..255 image, the index in WORLD_COLOURS of each pixel's nearest colour."""
+    pixels = image.permute(1, 2, 0).reshape(-1, 3)
+    return torch.cdist(pixels, _RGB).argmin(dim=1).reshape(image.shape[1:])
+
+
+def measure_autoencoder(pipeline_dir: Path, count: int = 64, seed: int = HELDOUT_POPULATION_SEED) -> dict:
+    """Round-trip error of the VAE on held-out figures, and whether hair and eye colours survive.
+
+    A colour survives in a figure when the reconstructed pixels where the original shows
+    exactly that colour are, on average, nearest to that colour among all world colours.
+    """
+    from lora_factory.training.base_model import load_base_model
+
+    torch.set_num_threads(1)
+    vae = load_base_model(pipeline_dir, device="cpu").vae
+    errors, survived = [], {"hair": [], "eyes": []}
+    region_errors = {"hair": [], "eyes": []}
+    with torch.no_grad():
+        for figure in generate_population(seed, count, IMAGE_SIZE):
+            original = torch.from_numpy(np.array(figure.image)).permute(2, 0, 1)
+            latents = vae.encode(to_unit_range(original[None])).latent_dist.mode()
+            decoded = ((vae.decode(latents).sample[0].clamp(-1, 1) + 1) * 127.5).round()
+            errors.append((decoded - original.float()).abs().mean(dim=(1, 2)))
+            for part, tag in (("hair", figure.character.hair), ("eyes", figure.character.eyes)):
+                rgb = torch.tensor(WORLD_COLOURS[tag], dtype=torch.float32)
+                mask = (original.float() == rgb[:, None, None]).all(dim=0)
+                if not mask.any():
+                    continue  # too small to hold one pure pixel after downscaling
+                mean = decoded[:, mask].mean(dim=1)
+                nearest = _NAMES[torch.cdist(mean[None], _RGB).argmin().item()]
+                survived[part].append(nearest == tag)
+                region_errors[part].append((decoded[:, mask] - rgb[:, None]).abs().mean().item())
+    per_channel = torch.stack(errors).mean(dim=0)
+    return {
+        "figures": count,
+        "mean_abs_error_rgb": [round(v, 2) for v in per_channel.tolist()],
+        **{
+            f"{part}_survives": f"{sum(flags)}/{len(flags)}" for part, flags in survived.items()
+        },
+        **{
+            f"{part}_region_abs_error": round(float(np.mean(values)), 2) if values else None
+            for part, values in region_errors.items()
+        },
+    }
+
+
+def colour_prompt(part: str, colour_tag: str) -> str:
+    """An upper-body prompt asking for one hair, eye or top colour, the rest fixed."""
+    look = {"hair": "red_hair", "eyes": "blue_eyes", "top": "orange_shirt"}
+    look[part] = colour_tag
+    top_noun = look["top"].rsplit("_", 1)[-1]
+    tags = ["1girl", "solo", "long_hair", look["hair"], look["eyes"], top_noun, "skirt", look["top"],
+            "beige_skirt", "upper_body", "looking_at_viewer", "white_background", "simple_background"]  # fmt: skip
+    return caption_text(tags)
+
+
+COLOUR_CHOICES = {
+    "hair": tuple(HAIR_COLOURS),
+    "eyes": tuple(EYE_COLOURS),
+    "top": ("orange_shirt", "blue_shirt", "navy_jacket", "brown_coat"),
+}
+
+
+def measure_colour_following(
+    pipeline_dir: Path,
+    part: str = "hair",
+    seeds: Sequence[int] = tuple(range(6)),
+    guidance: float = 4.0,
+    steps: int = 20,
+    grid_path: Path | None = None,
+) -> dict:
+    """Does text-to-image follow colour tags? Render one prompt per colour with the same seeds.
+
+    For every image, the pixels nearest to one of the part's colours are counted per
+    colour; the image follows the prompt when the asked colour has the most. Chance is
+    1 / (number of colours). Renders with the factory's `PreviewRenderer` (DPM++ 2M,
+    clip skip 2, empty negative prompt). `grid_path` saves the images, a row per colour.
+    """
+    from lora_factory.evaluation.previews import PreviewRenderer
+    from lora_factory.evaluation.prompts import PreviewPrompt
+
+    torch.set_num_threads(1)
+    colours = COLOUR_CHOICES[part]
+    renderer = PreviewRenderer(pipeline_dir, steps=steps, guidance=guidance, device="cpu", batch_size=len(seeds))
+    candidate_ids = torch.tensor([_NAMES.index(c) for c in colours])
+    hits, shares, rows = 0, {}, []
+    for colour in colours:
+        prompts = [PreviewPrompt(f"{colour}_{s}", colour_prompt(part, colour), "", s) for s in seeds]
+        images = renderer.render(None, prompts)
+        rows.append(images)
+        asked = []
+        for image in images:
+            nearest = nearest_world_colours(torch.from_numpy(np.array(image)).permute(2, 0, 1).float())
+            counts = torch.stack([(nearest == i).sum() for i in candidate_ids])
+            hits += int(counts.argmax().item() == colours.index(colour) and counts.max() > 0)
+            asked.append(counts[colours.index(colour)].item() / max(1, counts.sum().item()))
+        shares[colour] = round(float(np.mean(asked)), 3)
+    if grid_path is not None:
+        save_grid(rows, grid_path)
+    total = len(colours) * len(seeds)
+    return {
+        "part": part,
+        "images": total,
+        "follows": f"{hits}/{total}",
+        "chance": round(1 / len(colours), 3),
+        "asked_colour_share": shares,  # of the part's colour pixels, the asked colour's share
+    }
+
+
+def save_grid(rows: Sequence[Sequence[Image.Image]], path: Path) -> Path:
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * width, y * height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def save_samples(pipeline_dir: Path, folder: Path, guidance: float = 4.0, steps: int = 20) -> list[Path]:
+    """Sample grids for a person to look at: held-out captions, and the factory's framings."""
+    from lora_factory.evaluation.previews import PreviewRenderer
+    from lora_factory.evaluation.prompts import PreviewPrompt
+
+    torch.set_num_threads(1)
+    renderer = PreviewRenderer(pipeline_dir, steps=steps, guidance=guidance, device="cpu", batch_size=8)
+    figures = list(generate_population(HELDOUT_POPULATION_SEED, 16, IMAGE_SIZE))
+    prompts = [PreviewPrompt(str(i), f.caption, "", i) for i, f in enumerate(figures)]
+    generated = renderer.render(None, prompts)
+    # Row pairs: the held-out figure drawn by the world, then the model's picture of its caption.
+    rows = [[f.image for f in figures[:8]], generated[:8], [f.image for f in figures[8:]], generated[8:]]
+    paths = [save_grid(rows, folder / "heldout_captions.png")]
+    (folder / "heldout_captions.txt").write_text("\n".join(f.caption for f in figures) + "\n")
+    framing_rows = []
+    for framing in FRAMINGS:
+        caption = caption_text([
+            "1girl", "solo", "long_hair", "pink_hair", "purple_eyes", "horns", "dress", "green_dress",
+            framing, "white_background", "simple_background",
+        ])  # fmt: skip
+        framing_rows.append(renderer.render(None, [PreviewPrompt(f"{framing}{s}", caption, "", s) for s in range(8)]))
+    paths.append(save_grid(framing_rows, folder / "framings.png"))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="build the model into this new folder")
+    parser.add_argument("--tiny", action="store_true", help="a smoke build with tiny step counts")
+    parser.add_argument("--snapshots", type=Path, help="also save the UNet stage's intermediate models here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--measure", type=Path, help="measure this built model (and write --samples)")
+    parser.add_argument("--samples", type=Path, help="folder for sample grids (with --measure)")
+    args = parser.parse_args(argv)
+    if not args.out and not args.measure:
+        parser.error("give --out (build) and/or --measure")
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    if args.out:
+        build_demo_base_model(args.out, TINY_BUILD if args.tiny else FULL_BUILD, args.seed, log, args.snapshots)
+    if args.measure:
+        log(json.dumps(measure_autoencoder(args.measure)))
+        for part in COLOUR_CHOICES:
+            grid = args.samples / f"colour_{part}.png" if args.samples else None
+            log(json.dumps(measure_colour_following(args.measure, part, grid_path=grid)))
+        if args.samples:
+            for path in save_samples(args.measure, args.samples):
+                log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -196,8 +196,8 @@ def test_better_aesthetic_tiers_are_repeated_more():
     assert repeats == {"low": 1, "medium": 2, "high": 4}
 
 
-def test_quality_tiers_from_the_aesthetic_score_follow_seed_002():
-    # Seed 002 repeats its low / medium / high quality groups 4 / 8 / 16 times.
+def test_quality_tiers_from_the_aesthetic_score_repeat_4_8_16():
+    # Hand-made datasets repeat their low / medium / high quality groups 4 / 8 / 16 times.
     table = pd.DataFrame(
         {"kind": "full", "aesthetic_score": [0.1, 0.2, 0.5, 0.6, 0.8, 0.9], "aesthetic_label": "normal"}
     )

@@ -21,7 +21,7 @@ from lora_factory.captioning.tags import (
     normalise_tag,
 )
 
-# Seed 002 (Manhattan Cafe): WD14 output at threshold 0.4, in the tagger's order.
+# A real WD14 output (Manhattan Cafe) at threshold 0.4, in the tagger's order.
 TAGGER_OUTPUT = (
     "1girl, manhattan cafe \\(umamusume\\), solo, horse ears, animal ears, long hair, "
     "yellow shirt, black hair, cup, hair between eyes, skirt, shirt, ahoge, looking at viewer, "

@@ -256,8 +256,8 @@ def fold_outfits(clusters: pd.DataFrame, config: CaptionConfig) -> pd.DataFrame:
 
 
 def outfit_trigger_name(garments: Sequence[str], max_tags: int = 4) -> str:
-    """Seed 003's outfit trigger: the garments, most visible (frequent) first and cut
-    or exposure modifiers last (`yellow_short_kimono_obi_sleeveless`)."""
+    """An outfit trigger as hand-made LoRAs name them: the garments, most visible
+    (frequent) first and cut or exposure modifiers last (`yellow_short_kimono_obi_sleeveless`)."""
     named = [t for t in garments if t not in OUTFIT_MODIFIERS][:max_tags]
     named += [t for t in garments if t in OUTFIT_MODIFIERS][: max(0, max_tags - len(named))]
     if not named:

@@ -107,7 +107,7 @@ _NEVER_FEATURE_WORDS: frozenset[str] = frozenset(
 )
 _SPECIES = re.compile(r"^(?P<animal>[a-z]+)_(girl|boy)$")
 
-# Seed 003: "never fold shoes into the outfits": an outfit trigger that carries the
+# Never fold shoes into the outfits: an outfit trigger that carries the
 # shoes makes the model frame every picture full body to show them.
 _FOOTWEAR_WORDS: frozenset[str] = frozenset(
     """shoes shoe boots boot footwear heels sandals sneakers loafers slippers geta zouri

@@ -182,7 +182,10 @@ def test_tiny_build_is_an_sd15_pipeline(tiny_build):
 
 
 def test_build_is_reproducible_and_refuses_existing_folders(tiny_build, tmp_path):
+    threads = torch.get_num_threads()
     again = build_demo_base_model(tmp_path / "again", TINY_BUILD, log=lambda _: None)
+    # The build pins one thread and gives the caller's setting back (it changes float rounding).
+    assert torch.get_num_threads() == threads
     for name in WEIGHT_FILES:
         digest = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for folder in (tiny_build, again)]
         assert digest[0] == digest[1], name

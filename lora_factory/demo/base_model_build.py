@@ -51,7 +51,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -441,6 +442,22 @@ def _log_progress(log: Log, phase: str, step: int, total: int, loss: float, star
 
 
 # ---------------------------------------------------------------------------- build
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Torch on one CPU thread (float sums in a fixed order), the caller's setting restored after.
+
+    Restoring matters: the thread count changes float rounding, so a process left on one
+    thread would train other models to different bytes than a fresh process does.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@one_cpu_thread()
 def build_demo_base_model(
     out: Path,
     steps: BuildSteps = FULL_BUILD,
@@ -459,7 +476,6 @@ def build_demo_base_model(
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists: remove it or choose another folder")
-    torch.set_num_threads(1)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     began = time.monotonic()
@@ -542,6 +558,7 @@ def nearest_world_colours(image: torch.Tensor) -> torch.Tensor:
     return torch.cdist(pixels, _RGB).argmin(dim=1).reshape(image.shape[1:])
 
 
+@one_cpu_thread()
 def measure_autoencoder(pipeline_dir: Path, count: int = 64, seed: int = HELDOUT_POPULATION_SEED) -> dict:
     """Round-trip error of the VAE on held-out figures, and whether hair and eye colours survive.
 
@@ -550,7 +567,6 @@ def measure_autoencoder(pipeline_dir: Path, count: int = 64, seed: int = HELDOUT
     """
     from lora_factory.training.base_model import load_base_model
 
-    torch.set_num_threads(1)
     vae = load_base_model(pipeline_dir, device="cpu").vae
     errors, survived = [], {"hair": [], "eyes": []}
     region_errors = {"hair": [], "eyes": []}
@@ -600,6 +616,7 @@ COLOUR_CHOICES = {
 }
 
 
+@one_cpu_thread()
 def measure_colour_following(
     pipeline_dir: Path,
     part: str = "hair",
@@ -618,7 +635,6 @@ def measure_colour_following(
     from lora_factory.evaluation.previews import PreviewRenderer
     from lora_factory.evaluation.prompts import PreviewPrompt
 
-    torch.set_num_threads(1)
     colours = COLOUR_CHOICES[part]
     renderer = PreviewRenderer(pipeline_dir, steps=steps, guidance=guidance, device="cpu", batch_size=len(seeds))
     candidate_ids = torch.tensor([_NAMES.index(c) for c in colours])
@@ -657,12 +673,12 @@ def save_grid(rows: Sequence[Sequence[Image.Image]], path: Path) -> Path:
     return path
 
 
+@one_cpu_thread()
 def save_samples(pipeline_dir: Path, folder: Path, guidance: float = 4.0, steps: int = 20) -> list[Path]:
     """Sample grids for a person to look at: held-out captions, and the factory's framings."""
     from lora_factory.evaluation.previews import PreviewRenderer
     from lora_factory.evaluation.prompts import PreviewPrompt
 
-    torch.set_num_threads(1)
     renderer = PreviewRenderer(pipeline_dir, steps=steps, guidance=guidance, device="cpu", batch_size=8)
     figures = list(generate_population(HELDOUT_POPULATION_SEED, 16, IMAGE_SIZE))
     prompts = [PreviewPrompt(str(i), f.caption, "", i) for i, f in enumerate(figures)]

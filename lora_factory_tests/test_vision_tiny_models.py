@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lora_factory.benchmarks.identity_tolerance import DEGRADATIONS, tolerance_table
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_ashtray, draw_post
 from lora_factory.demo.palette import TAG_COLOURS
@@ -210,3 +211,15 @@ def test_the_dagster_resource_passes_batch_sizes_from_run_config(tmp_path):
     assert loaded.tagger.batch_size == 5 and loaded.person.batch_size in (4, 16)
     with pytest.raises(ValueError, match="unknown vision roles"):
         DemoVisionModels(batch_sizes={"tager": 5}).load(store)
+
+
+def test_identity_recognises_imperfect_renderings_and_still_separates_characters(models):
+    """Generated previews are blurred, re-encoded and a little off-colour; the identity
+    model still knows who they show (as real CCIP does), and never mistakes another
+    demo character for them."""
+    degradations = {name: DEGRADATIONS[name] for name in
+                    ("gaussian blur r=2", "JPEG q=15", "colour shift +20 (all channels)", "colour cast (+25 R, -25 B)")}  # fmt: skip
+    table = tolerance_table({"soft": models.identity}, degradations, crops_per_character=6)["soft"]
+    assert (table[list(degradations)] >= 0.9).all(), table
+    assert table["other demo characters (floor: 0)"] == 0.0
+    assert table["random demo-world figures (chance)"] < 0.15

@@ -28,7 +28,10 @@ How they see, all inside the ONNX graph:
   shoulders); a character tag is the min of the presences of the character's hair,
   eyes and features; ratings follow the share of skin among figure pixels.
 - Identity (CCIP signature): the feature is the presence of every tag colour, hair,
-  eyes and features weighted heavily and garments lightly, rotated into 768-d by a
+  eyes and features weighted heavily and garments lightly, with colours read softly
+  (a pixel counts as its nearest world colour unless it is far from all of them, so
+  blurred, re-encoded or slightly off-colour generations are still recognised, as
+  real CCIP recognises imperfect generations), rotated into 768-d by a
   fixed orthonormal (DCT) basis. Crops of one character share hair and eyes whatever
   the outfit or framing; two characters share neither. The metrics model returns
   (1 - cosine) / 2; `metrics.json` holds the threshold between the two.
@@ -110,6 +113,11 @@ IDENTITY_WEIGHTS = {"hair": 1.0, "eyes": 1.0, "features": 1.0, "garments": 0.3}
 # Measured on drawn crops: same character <= 0.03, different characters >= 0.47. The
 # real CCIP model's threshold (~0.1785) sits between, so the two read alike.
 IDENTITY_THRESHOLD = 0.1785
+# The identity model reads colours softly (`_soft_colours_outside`), as real CCIP still
+# recognises imperfect generations: colours 60 apart stay apart (a pixel on one colour
+# gives the next e^-8 of its weight), a pixel 35 off its colour still counts ~0.9 for it.
+SOFT_COLOUR_SIGMA = 15.0
+SOFT_NONE_DISTANCE = 50.0
 
 TAG_GROUPS: dict[str, dict[str, tuple[int, int, int]]] = {
     "hair": HAIR_COLOURS,
@@ -287,6 +295,27 @@ def _colours_outside(g: _Graph, rgb: str, size: int, colours: Sequence[tuple[int
     return g.op("Reshape", g.flag("GreaterOrEqual", distances, limits), g.ints([0, len(colours), size, size]))
 
 
+def _soft_colours_outside(g: _Graph, rgb: str, size: int, colours: Sequence[tuple[int, int, int]]) -> str:
+    """[N,K,size,size] in 0..1: 1 - the pixel's soft membership of each colour.
+
+    Membership is a softmax of -d^2 / (2 SOFT_COLOUR_SIGMA^2) over the colours and one
+    "none of them" option at SOFT_NONE_DISTANCE: a pixel counts as its nearest colour
+    even when it is 30-40 off (blur, JPEG, an imperfect autoencoder, a colour cast),
+    while a pixel far from every colour belongs to none.
+    """
+    colours = np.asarray(colours, dtype=np.float32)
+    partial, _ = _colour_distances(g, rgb, size, colours)
+    squared = g.add(partial, g.const((colours**2).sum(axis=1).reshape(-1, 1)))  # [N,K,HW]
+    scale = -1.0 / (2.0 * SOFT_COLOUR_SIGMA**2)
+    logits = g.mul(squared, scale)
+    none_logit = SOFT_NONE_DISTANCE**2 * scale
+    top = g.max(g.reduce("ReduceMax", logits, [1], keepdims=1), none_logit)  # for a stable exp
+    weights = g.op("Exp", g.sub(logits, top))
+    total = g.add(g.reduce("ReduceSum", weights, [1], keepdims=1), g.op("Exp", g.sub(none_logit, top)))
+    outside = g.sub(1.0, g.div(weights, total))
+    return g.op("Reshape", outside, g.ints([0, len(colours), size, size]))
+
+
 def _eroded_fractions(g: _Graph, outside: str) -> str:
     """[N,K]: share of pixels of each colour after a 3x3 erosion, from outside masks."""
     grown_outside = g.op("MaxPool", outside, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
@@ -318,12 +347,13 @@ class _ColourAnalysis:
     `fractions` [N,T] and `skin` [N,1] are shares of the picture; `figure` [N,1] is
     the eroded share of non-background pixels; `presence` [N,T] as PRESENCE_F0 says.
     `tag_outside` [N,T,H,W] / `background_outside` [N,B,H,W] are 1 where a pixel is
-    not that tag / background colour.
+    not that tag / background colour. With `soft`, colours are soft memberships
+    (`_soft_colours_outside`) instead of within-COLOUR_RADIUS tests.
     """
 
-    def __init__(self, g: _Graph, rgb: str, size: int):
+    def __init__(self, g: _Graph, rgb: str, size: int, soft: bool = False):
         tags = len(COLOUR_TAGS)
-        outside = _colours_outside(g, rgb, size, ANALYSIS_COLOURS)
+        outside = (_soft_colours_outside if soft else _colours_outside)(g, rgb, size, ANALYSIS_COLOURS)
         eroded = _eroded_fractions(g, _channels(g, outside, 0, tags + 1))
         self.tag_outside = _channels(g, outside, 0, tags)
         self.fractions = _channels(g, eroded, 0, tags)
@@ -558,13 +588,13 @@ def _identity_basis() -> np.ndarray:
     return (np.sqrt(2.0 / IDENTITY_DIM) * np.cos(np.pi / IDENTITY_DIM * (columns + 0.5) * rows)).astype(np.float32)
 
 
-def _identity_feature_model() -> bytes:
+def _identity_feature_model(soft: bool) -> bytes:
     g = _Graph()
     size = IDENTITY_SIZE
     scale = (np.asarray(CLIP_STD, dtype=np.float32) * 255.0).reshape(1, 3, 1, 1)
     shift = (np.asarray(CLIP_MEAN, dtype=np.float32) * 255.0).reshape(1, 3, 1, 1)
     rgb = g.add(g.mul("input", scale), shift)
-    presence = _ColourAnalysis(g, rgb, size).presence
+    presence = _ColourAnalysis(g, rgb, size, soft=soft).presence
     weights = np.asarray([IDENTITY_WEIGHTS[TAG_GROUP_OF[t]] for t in COLOUR_TAGS], dtype=np.float32)
     g.op("MatMul", g.mul(presence, weights), g.const(_identity_basis()), out="output")
     return g.model(
@@ -784,17 +814,23 @@ TINY_MODEL_FILES: dict[str, tuple[str, ...]] = {
 TINY_MODEL_NAMES: tuple[str, ...] = tuple(TINY_MODEL_FILES)
 
 
+def identity_model_files(soft: bool = True) -> dict[str, bytes]:
+    """The tiny identity model's files; `soft=False` reads colours within COLOUR_RADIUS
+    only, as the tagger does (kept to measure what the soft reading gains)."""
+    metrics = {"threshold": IDENTITY_THRESHOLD, "description": "same character when difference <= threshold"}
+    return {
+        "model_feat.onnx": _identity_feature_model(soft),
+        "model_metrics.onnx": _identity_metrics_model(),
+        "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode("utf-8"),
+    }
+
+
 def tiny_model_files(name: str) -> dict[str, bytes]:
     """File name -> bytes of the tiny model `name` (deterministic), as TINY_MODEL_FILES lists."""
     if name == "tiny-tagger":
         return {"model.onnx": _tagger_model(), "selected_tags.csv": _selected_tags_csv()}
     if name == "tiny-identity":
-        metrics = {"threshold": IDENTITY_THRESHOLD, "description": "same character when difference < threshold"}
-        return {
-            "model_feat.onnx": _identity_feature_model(),
-            "model_metrics.onnx": _identity_metrics_model(),
-            "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode("utf-8"),
-        }
+        return identity_model_files(soft=True)
     if name in DETECTOR_LABELS:
         return {"model.onnx": _detector_model(DETECTOR_LABELS[name])}
     if name in CLASSIFIER_LABELS:

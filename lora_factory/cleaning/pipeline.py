@@ -181,7 +181,7 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def _top(probabilities: dict[str, float]) -> tuple[str, float]:
+def top_label(probabilities: dict[str, float]) -> tuple[str, float]:
     label = max(probabilities, key=probabilities.get)
     return label, float(probabilities[label])
 
@@ -296,15 +296,15 @@ def _classify(
     ratings = models.rating.predict(images) if config.allowed_ratings is not None else [None] * len(images)
     kept = []
     for (post, item), mono, cls, rating in zip(decoded, monochrome, classes, ratings, strict=True):
-        anime_class, class_probability = _top(cls)
+        anime_class, class_probability = top_label(cls)
         source = _Source(str(post["sha256"]), str(post["site"]), post["post_id"],
                          float(mono.get("monochrome", 0.0)), float(cls.get("illustration", 0.0)), anime_class)
         if source.monochrome_score >= config.monochrome_threshold:
             ledger.drop(source, "filter", "monochrome", f"p={source.monochrome_score:.2f}")
         elif anime_class not in config.keep_classes:
             ledger.drop(source, "filter", f"class_{anime_class}", f"p={class_probability:.2f}")
-        elif rating is not None and _top(rating)[0] not in config.allowed_ratings:
-            label, probability = _top(rating)
+        elif rating is not None and top_label(rating)[0] not in config.allowed_ratings:
+            label, probability = top_label(rating)
             ledger.drop(source, "filter", f"rating_{label}", f"p={probability:.2f}")
         else:
             kept.append((source, item.image))
@@ -398,7 +398,7 @@ def _split_persons(
     ]
 
 
-def _shifted(box: Sequence[float], origin: tuple[int, int, int, int]) -> tuple[float, ...]:
+def shifted_box(box: Sequence[float], origin: tuple[int, int, int, int]) -> tuple[float, ...]:
     """A box found in a person crop, in the whole picture's pixels."""
     return (box[0] + origin[0], box[1] + origin[1], box[2] + origin[0], box[3] + origin[1])
 
@@ -500,8 +500,8 @@ def _second_pass(
         for person, halfbody, head in zip(survivors, halfbodies, heads, strict=True):
             image = pictures[person.source.sha256]
             candidates = three_stage_crops(image.size, person.box,
-                                           [_shifted(d.box, person.box) for d in halfbody],
-                                           [_shifted(d.box, person.box) for d in head])
+                                           [shifted_box(d.box, person.box) for d in halfbody],
+                                           [shifted_box(d.box, person.box) for d in head])
             crops = [c for c in candidates if min(c.width, c.height) >= config.min_crop_side]
             ledger.counts["crop_too_small"] += len(candidates) - len(crops)
             if not crops:
@@ -522,7 +522,7 @@ def _second_pass(
         to_embed = [image for _, crop, image, _ in new if crop.kind != "full"]
         embedded = iter(np.asarray(models.identity.embed(to_embed), dtype=np.float32) if to_embed else [])
         for (person, crop, _, crop_sha), quality in zip(new, aesthetic, strict=True):
-            label, _ = _top(quality)
+            label, _ = top_label(quality)
             vectors.append(person.vector if crop.kind == "full" else next(embedded))
             rows.append(
                 {

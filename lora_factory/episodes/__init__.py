@@ -1,0 +1,1 @@
+"""Anime episodes as a source: decoding, keyframes, figures and identity clusters."""

@@ -78,10 +78,11 @@ from lora_factory.evaluation import prompts as preview_prompt_sets
 from lora_factory.training.base_model import encode_token_ids, tokenize_captions
 from lora_factory.training.sd15_architecture import SD15_NOISE_SCHEDULE
 from lora_factory.training.tiny_sd import (
-    BOS_TOKEN,
     END_OF_WORD,
-    EOS_TOKEN,
     MAX_TOKENS,
+    clip_text_encoder,
+    save_pipeline,
+    sd15_pipeline,
     write_byte_level_bpe,
 )
 
@@ -292,23 +293,7 @@ def new_unet():
 
 
 def new_text_encoder(vocab: dict[str, int]):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=4 * TEXT_WIDTH,
-            num_hidden_layers=TEXT_LAYERS,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            hidden_act="quick_gelu",
-            projection_dim=TEXT_WIDTH,
-            bos_token_id=vocab[BOS_TOKEN],
-            eos_token_id=vocab[EOS_TOKEN],
-            pad_token_id=vocab[EOS_TOKEN],
-        )
-    )
+    return clip_text_encoder(vocab, width=TEXT_WIDTH, layers=TEXT_LAYERS, intermediate_size=4 * TEXT_WIDTH)
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -542,24 +527,7 @@ def build_demo_base_model(
 
 
 def _save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, tokenizer_source: Path, marker: dict) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    scheduler = PNDMScheduler(
-        **SD15_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
-    )  # SD1.5's own scheduler config
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):  # the classic files, for older readers
-        shutil.copyfile(tokenizer_source / name, folder / "tokenizer" / name)
+    save_pipeline(sd15_pipeline(vae, text_encoder, tokenizer, unet), folder, tokenizer_source)
     (folder / BUILD_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from lora_factory.training.sd15_architecture import SD15_NOISE_SCHEDULE
+
 # Bump when the architecture or the build recipe changes, so that an old folder is rebuilt.
 TINY_SD15_RECIPE_VERSION = 2
 BUILD_MARKER = "tiny_sd15.json"
@@ -82,10 +84,7 @@ def _build(target_dir: Path, seed: int) -> Path:
         with torch.random.fork_rng(devices=[]):
             pipeline = _tiny_pipeline(staging / "tokenizer_source", seed)
         build_dir = staging / "pipeline"
-        pipeline.save_pretrained(build_dir, safe_serialization=True)
-        # Keep the classic tokenizer files next to tokenizer.json for older readers.
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(staging / "tokenizer_source" / name, build_dir / "tokenizer" / name)
+        save_pipeline(pipeline, build_dir, staging / "tokenizer_source")
         (build_dir / BUILD_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n")
         try:
             if target_dir.exists():
@@ -101,13 +100,8 @@ def _build(target_dir: Path, seed: int) -> Path:
 
 
 def _tiny_pipeline(tokenizer_dir: Path, seed: int):
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
     vocab = write_byte_level_bpe(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=MAX_TOKENS)
@@ -142,31 +136,37 @@ def _tiny_pipeline(tokenizer_dir: Path, seed: int):
         scaling_factor=0.18215,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
+    # >= 2 layers so that clip skip 2 (penultimate layer) is meaningful
+    text_encoder = clip_text_encoder(vocab, width=text_width, layers=3, intermediate_size=64)
+    return sd15_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def clip_text_encoder(vocab: dict[str, int], width: int, layers: int, intermediate_size: int):
+    """A CLIPTextModel of SD1.5's kind (quick GELU, 77 positions) for a `write_byte_level_bpe` vocab."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
-            hidden_size=text_width,
-            intermediate_size=64,
-            num_hidden_layers=3,  # >= 2 so that clip skip 2 (penultimate layer) is meaningful
+            hidden_size=width,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             max_position_embeddings=MAX_TOKENS,
             hidden_act="quick_gelu",
-            projection_dim=text_width,
+            projection_dim=width,
             bos_token_id=vocab[BOS_TOKEN],
             eos_token_id=vocab[EOS_TOKEN],
             pad_token_id=vocab[EOS_TOKEN],
         )
     )
-    scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+
+
+def sd15_pipeline(vae, text_encoder, tokenizer, unet):
+    """A StableDiffusionPipeline of these components with SD1.5's own scheduler config."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    scheduler = PNDMScheduler(**SD15_NOISE_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -177,6 +177,14 @@ def _tiny_pipeline(tokenizer_dir: Path, seed: int):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def save_pipeline(pipeline, folder: Path, tokenizer_source: Path) -> None:
+    """Save a pipeline folder, keeping the classic tokenizer files next to tokenizer.json
+    for older readers."""
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tokenizer_source / name, folder / "tokenizer" / name)
 
 
 def write_byte_level_bpe(folder: Path, merges: Sequence[tuple[str, str]] = TINY_MERGES) -> dict[str, int]:

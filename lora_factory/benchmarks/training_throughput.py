@@ -12,6 +12,8 @@ one training step counted with `torch.utils.flop_counter` over the device's dens
   one fixed resolution. Its images are already at the training size, so its resize is as
   cheap as it can be: the comparison favours it, if anything.
 
+`training_vs_diffusers.py` runs diffusers' script itself, unmodified, against `train_lora`.
+
 On a GPU: the real SD1.5 architecture built from its config (random weights) at 512 and
 768 px, batch 8, rank 32, bf16. Without one: the same comparison with the tiny SD1.5-shaped
 model on the CPU (fp32), where MFU is printed only with `--peak-tflops`.

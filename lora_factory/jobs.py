@@ -27,3 +27,13 @@ index_job = dg.define_asset_job(
     description="Read the character index file into the `character_index` table.",
     executor_def=executor,
 )
+
+# One anime series: its episodes' figures, then their identity clusters. The sensor runs
+# it when a series is new to the index or its episode files change; characters bound to
+# a series wait for its clusters.
+series_job = dg.define_asset_job(
+    name="series_job",
+    selection=dg.AssetSelection.groups("anime"),
+    description="Find every figure in an anime series' episodes and cluster them by identity.",
+    executor_def=executor,
+)

@@ -12,12 +12,22 @@ import pytest
 # The PostgreSQL server every machine of the project runs (trust auth).
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
+# The demo deployment's plumbing is tested on the tiny random base model, which trains and
+# renders in seconds (the processes tests start inherit it); the tests of learning itself
+# ask for the demo base model by name.
+os.environ.setdefault("LF_DEMO_BASE_MODEL", "tiny-sd15")
+
 
 @pytest.fixture()
 def started():
     """Processes a test starts; each is stopped afterwards with all its descendants."""
     processes: list[psutil.Popen] = []
     yield processes
+    stop_process_trees(processes)
+
+
+def stop_process_trees(processes: list[psutil.Popen], timeout_s: float = 10) -> None:
+    """Terminate each process and its descendants; kill what is still alive after `timeout_s`."""
     tree = []
     for process in processes:
         try:
@@ -29,13 +39,13 @@ def started():
             process.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(tree, timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
     for process in alive:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=10)
+    psutil.wait_procs(alive, timeout=timeout_s)
 
 
 def service_missing(reason: str) -> None:

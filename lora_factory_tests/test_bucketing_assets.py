@@ -15,7 +15,7 @@ import pytest
 
 from lora_factory.assets.dataset import buckets, captions
 from lora_factory.demo.characters import DEMO_CHARACTERS
-from lora_factory.demo.deployment import demo_resources
+from lora_factory.demo.deployment import TINY_BASE_MODEL, demo_resources
 from lora_factory.demo.drawing import draw_post
 from lora_factory.provenance import StampBook, record_files
 from lora_factory.resources import FactoryStorage
@@ -62,7 +62,7 @@ def materialize(instance, home, caption_config=None):
         [captions, buckets],
         partition_key=CHARACTER,
         instance=instance,
-        resources={"storage": FactoryStorage(home=str(home)), **demo_resources()},
+        resources={"storage": FactoryStorage(home=str(home)), **demo_resources(base_model=TINY_BASE_MODEL)},
         run_config=run_config,
     )
     return {
@@ -97,9 +97,14 @@ def test_captions_metadata_shows_captions_core_tags_and_clusters(runs):
     assert sorted(c["tags"] for c in clusters) == ["green_dress", "navy_jacket, beige_skirt"]
     assert [c["images"] for c in clusters] == [6, 6]
     assert meta["outfit_cluster_sheets"].count("data:image/webp;base64,") == 2
-    captions_shown = [r.data["caption"] for r in meta["captions"].records]
-    assert len(captions_shown) == 3 * PICTURES
-    assert all(c.startswith("ash ek") and "red hair" not in c for c in captions_shown)
+    # A sample of the captions, caption first; the whole table is a file.
+    captions_shown = [r.data for r in meta["captions"].records]
+    assert len(captions_shown) == 20 < 3 * PICTURES
+    assert list(captions_shown[0]) == ["caption", "kind", "cluster", "crop_sha256"]
+    assert all(c["caption"].startswith("ash ek") and "red hair" not in c["caption"] for c in captions_shown)
+    assert meta["captions_table_path"] == f"tables/captions/{CHARACTER}.parquet"
+    # The index's `ash_ek` is written as captions write tags: the metadata says so.
+    assert "`ash_ek`" in meta["trigger_word_in_index"] and "type `ash ek`" in meta["trigger_word_in_index"]
 
 
 def test_buckets_write_the_training_folder_config_frequencies_and_package(runs):

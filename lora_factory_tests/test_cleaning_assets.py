@@ -9,18 +9,19 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from lora_factory.assets.anime import anime_posts, series_clusters, series_figures
 from lora_factory.assets.cleaning import cleaned_crops
 from lora_factory.assets.index import character_index
 from lora_factory.assets.scraping import matched_tags, raw_scrape
 from lora_factory.cleaning.embeddings import EmbeddingStore
-from lora_factory.demo.deployment import demo_resources
+from lora_factory.demo.deployment import TINY_BASE_MODEL, demo_resources
 from lora_factory.resources import FactoryStorage
 from lora_factory.storage import FactoryStore, read_table
 
 CHARACTER = "ash_ember_knights"
 IMPOSTOR = "someone_else"  # files ash's crops under another name in the shared store
-ASSETS = [character_index, raw_scrape, matched_tags, cleaned_crops]
-SELECTION = ["raw_scrape", "matched_tags", "cleaned_crops"]
+ASSETS = [character_index, raw_scrape, matched_tags, anime_posts, cleaned_crops, series_figures, series_clusters]
+SELECTION = ["raw_scrape", "matched_tags", "anime_posts", "cleaned_crops"]
 
 
 def clean(instance, home, **settings):
@@ -28,7 +29,7 @@ def clean(instance, home, **settings):
         ASSETS,
         partition_key=CHARACTER,
         instance=instance,
-        resources={"storage": FactoryStorage(home=str(home)), **demo_resources()},
+        resources={"storage": FactoryStorage(home=str(home)), **demo_resources(base_model=TINY_BASE_MODEL)},
         selection=SELECTION,
         run_config={"ops": {"cleaned_crops": {"config": settings}}} if settings else None,
         raise_on_error=False,
@@ -67,6 +68,8 @@ def test_default_settings_pass_both_blocking_checks(runs):
     checks = checks_of(default)
     assert set(checks) == {"enough_crops", "identity_purity"}
     assert all(check.passed for check in checks.values())
+    # Each result belongs to the character (the UI's Checks tab shows its partition).
+    assert {check.partition for check in checks.values()} == {CHARACTER}
     purity = checks["identity_purity"].metadata["purity"].value
     assert 0.5 <= purity <= 1.0
     assert checks["identity_purity"].metadata["minimum"].value == 0.5
@@ -93,8 +96,9 @@ def test_crops_shared_with_another_character_are_reported(runs):
     assert metadata["cross_character_duplicates"] == crops["crop_sha256"].nunique()
     pairs = [row.data for row in metadata["cross_character_pairs"].records]
     assert 0 < len(pairs) <= 20
+    # Hashes are shown short (10 characters: a prefix that still finds the row).
     for pair in pairs:
         assert pair["other_character"] == IMPOSTOR
-        assert pair["other_crop_sha256"].startswith("copy_")
-        assert pair["crop_sha256"] in set(crops["crop_sha256"])
+        assert pair["other_crop_sha256"].startswith("copy_") and len(pair["other_crop_sha256"]) == 10
+        assert pair["crop_sha256"] in {sha[:10] for sha in crops["crop_sha256"]}
     assert np.isclose(min(pair["distance"] for pair in pairs), 0.0, atol=1e-4)

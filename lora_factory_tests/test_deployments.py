@@ -11,7 +11,18 @@ import sys
 import pytest
 
 from lora_factory.definitions import deployment_resources
-from lora_factory.demo.deployment import DemoBaseModel, DemoImageSites, DemoVisionModels
+from lora_factory.demo.deployment import (
+    DEMO_BASE_MODEL_DIR,
+    DEMO_GUIDANCE,
+    DEMO_SAVE_EVERY,
+    DEMO_TEXT_ENCODER_LEARNING_RATE,
+    DEMO_TRAIN_STEPS,
+    DEMO_UNET_LEARNING_RATE,
+    DemoBaseModel,
+    DemoImageSites,
+    DemoVisionModels,
+    TinyBaseModel,
+)
 from lora_factory.index.character_index import CharacterIndexError
 from lora_factory.resources import BaseModelResource
 from lora_factory.storage import FactoryStore
@@ -62,6 +73,7 @@ def test_production_definitions_load_with_the_plain_resources(production):
         "image_sites": "ImageSites",
         "vision_models": "VisionModelsResource",
         "base_model": "BaseModelResource",
+        "anime_series": "AnimeSeries",
     }
 
 
@@ -91,24 +103,52 @@ def test_production_resources_fail_clearly_until_configured(tmp_path, monkeypatc
 
 def test_the_demo_is_the_default_deployment(monkeypatch):
     monkeypatch.delenv("LF_INDEX_PATH", raising=False)
+    monkeypatch.delenv("LF_DEMO_BASE_MODEL", raising=False)
     resources = deployment_resources("demo")
     assert isinstance(resources["image_sites"], DemoImageSites)
     assert isinstance(resources["vision_models"], DemoVisionModels)
     assert isinstance(resources["base_model"], DemoBaseModel)
     assert len(resources["character_index"].enabled_rows()) == 4
+    monkeypatch.setenv("LF_DEMO_BASE_MODEL", "tiny-sd15")
+    assert isinstance(deployment_resources("demo")["base_model"], TinyBaseModel)
+    monkeypatch.setenv("LF_DEMO_BASE_MODEL", "sd15")
+    with pytest.raises(ValueError, match="LF_DEMO_BASE_MODEL='sd15' is not a demo base model: use one of demo-base, tiny"):
+        deployment_resources("demo")
 
 
-def test_only_the_demo_base_model_shortens_runs_and_marks_releases():
+def test_only_the_demo_base_models_set_training_and_preview_defaults():
     assert BaseModelResource.defaults.training(TrainingConfig()) == TrainingConfig()
     assert BaseModelResource.defaults.sampling_steps is None and not BaseModelResource.synthetic_demo
+    assert BaseModelResource.defaults.guidance is None
+    tiny = TinyBaseModel.defaults.training(TrainingConfig())
+    assert (tiny.max_train_steps, tiny.save_every_n_steps, TinyBaseModel.defaults.sampling_steps) == (96, 24, 8)
+    assert tiny.unet_learning_rate is None and TinyBaseModel.synthetic_demo
     demo = DemoBaseModel.defaults.training(TrainingConfig())
-    assert (demo.max_train_steps, demo.save_every_n_steps, DemoBaseModel.defaults.sampling_steps) == (96, 24, 8)
+    assert (demo.max_train_steps, demo.save_every_n_steps) == (DEMO_TRAIN_STEPS, DEMO_SAVE_EVERY)
+    assert (demo.unet_learning_rate, demo.text_encoder_learning_rate) == (
+        DEMO_UNET_LEARNING_RATE, DEMO_TEXT_ENCODER_LEARNING_RATE
+    )  # fmt: skip
+    assert (DemoBaseModel.defaults.sampling_steps, DemoBaseModel.defaults.guidance) == (20, DEMO_GUIDANCE)
     assert DemoBaseModel.synthetic_demo
     # What a run's settings decide stays decided.
-    by_epochs = DemoBaseModel.defaults.training(TrainingConfig(max_train_epochs=3, save_every_n_steps=5))
-    assert (by_epochs.max_train_steps, by_epochs.max_train_epochs, by_epochs.save_every_n_steps) == (None, 3, 5)
+    decided = DemoBaseModel.defaults.training(
+        TrainingConfig(max_train_epochs=3, save_every_n_steps=5, unet_learning_rate=1e-5)
+    )
+    assert (decided.max_train_steps, decided.max_train_epochs, decided.save_every_n_steps) == (None, 3, 5)
+    assert (decided.unet_learning_rate, decided.text_encoder_learning_rate) == (1e-5, DEMO_TEXT_ENCODER_LEARNING_RATE)
 
 
-def test_the_demo_base_model_is_only_the_tiny_one(tmp_path):
+def test_the_demo_base_model_is_the_shipped_one(tmp_path, monkeypatch):
+    from lora_factory.demo import deployment
+    from lora_factory.training.base_model import load_base_model, native_resolution
+
+    path = DemoBaseModel().resolve(FactoryStore(tmp_path))
+    assert path == DEMO_BASE_MODEL_DIR and native_resolution(path) == 128
+    assert type(load_base_model(path, device="cpu").unet).__name__ == "UNet2DConditionModel"
     with pytest.raises(ValueError, match="LF_DEPLOYMENT=production"):
         DemoBaseModel(source="/models/real").resolve(FactoryStore(tmp_path))
+    with pytest.raises(ValueError, match="always 'tiny-sd15'"):
+        TinyBaseModel(source="/models/real").resolve(FactoryStore(tmp_path))
+    monkeypatch.setattr(deployment, "DEMO_BASE_MODEL_DIR", tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="lora_factory.demo.base_model_build --out"):
+        DemoBaseModel().resolve(FactoryStore(tmp_path))

@@ -66,5 +66,5 @@ def test_vision_steps_can_be_placed_on_gpus():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == str(
-        ["captions", "cleaned_crops", "lora_checkpoints", "matched_tags", "recscore_table"]
+        ["anime_posts", "captions", "cleaned_crops", "lora_checkpoints", "matched_tags", "recscore_table"]
     )

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lora_factory.evaluation.prompts import preview_prompts
-from lora_factory.evaluation.release import write_release
+from lora_factory.evaluation.release import inline_images, write_release
 from lora_factory.index.character_index import CharacterRow
 from lora_factory.reporting import contact_sheet_png, metric_curve_png
 from lora_factory.storage import sha256_file
@@ -70,6 +70,13 @@ def test_release_folder_holds_lora_card_pictures_and_metadata(tmp_path, release_
     assert "Demo build" in card
     assert "アッシュ" in card and "outfit_cluster_0" in card
     assert "/somewhere" not in card  # checkpoint paths of the factory never leak into the card
+    # The file links its pictures relatively; the UI's copy has them inline.
+    assert "![previews](previews.png)" in card and "![metrics](metrics.png)" in card
+    shown = inline_images(card, {"previews.png": "data:image/webp;base64,AAAA", "metrics.png": "data:image/webp;base64,BBBB"})
+    assert "![previews](data:image/webp;base64,AAAA)" in shown and "![metrics](data:image/webp;base64,BBBB)" in shown
+    assert "previews.png)" not in shown and "metrics.png)" not in shown
+    assert shown.replace("data:image/webp;base64,AAAA", "previews.png").replace(
+        "data:image/webp;base64,BBBB", "metrics.png") == card
 
     meta = json.loads((release / "meta.json").read_text())
     assert meta["step"] == 200 and meta["lora_file"] == "ash_ember_knights.safetensors"

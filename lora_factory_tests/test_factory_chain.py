@@ -11,13 +11,14 @@ from dagster._serdes import serialize_value
 import pytest
 from safetensors import safe_open
 
+from lora_factory.assets.anime import anime_posts, series_clusters, series_figures
 from lora_factory.assets.cleaning import cleaned_crops
 from lora_factory.assets.dataset import buckets, captions
 from lora_factory.assets.evaluation import chosen_model, recscore_table
 from lora_factory.assets.index import character_index
 from lora_factory.assets.scraping import matched_tags, raw_scrape
 from lora_factory.assets.training import lora_checkpoints
-from lora_factory.demo.deployment import DemoVisionModels, demo_resources
+from lora_factory.demo.deployment import TINY_BASE_MODEL, DemoVisionModels, demo_resources
 from lora_factory.resources import FactoryStorage, ImageSites, SiteConfig
 from lora_factory.storage import read_table
 
@@ -26,6 +27,7 @@ ASSETS = [
     character_index,
     raw_scrape,
     matched_tags,
+    anime_posts,
     cleaned_crops,
     captions,
     buckets,
@@ -34,12 +36,15 @@ ASSETS = [
     chosen_model,
 ]
 CHAIN = [asset.key.to_user_string() for asset in ASSETS[1:]]
+# The anime series' assets are upstream of anime_posts (their own partitions): a character
+# whose row names no series does not read them.
+ASSETS += [series_figures, series_clusters]
 
 
 def run_chain(
     instance, home: Path, partition: str = CHARACTER, selection=CHAIN, run_config=None, **resource_overrides
 ):
-    resources = {"storage": FactoryStorage(home=str(home)), **demo_resources(), **resource_overrides}
+    resources = {"storage": FactoryStorage(home=str(home)), **demo_resources(base_model=TINY_BASE_MODEL), **resource_overrides}
     return dg.materialize(
         ASSETS,
         partition_key=partition,
@@ -119,7 +124,14 @@ def test_full_chain_builds_a_release(factory):
         assert (release / name).is_file(), name
     meta = json.loads((release / "meta.json").read_text())
     assert meta["step"] == chosen["chosen_step"] and meta["synthetic_demo"] is True
-    assert "data:image/webp;base64," in metadata["recscore_table"]["preview_grid"]
+    # The UI shows the previews around the best step and the model card with its pictures
+    # inline; the release's README.md keeps relative links.
+    assert metadata["recscore_table"]["best_step"] == chosen["chosen_step"]
+    assert metadata["recscore_table"]["previews"].count("data:image/webp;base64,") == 1
+    card = metadata["chosen_model"]["model_card"]
+    assert card.count("data:image/webp;base64,") == 2 and "(previews.png)" not in card
+    assert "(previews.png)" in (release / "README.md").read_text()
+    assert chosen["trigger_word"] == "ash ek" and "`ash ek`" in card
 
 
 def test_second_run_reuses_everything(factory):

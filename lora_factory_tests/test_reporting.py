@@ -1,4 +1,5 @@
-"""reporting: contact sheets, preview grids, metric curves, markdown data URIs."""
+"""reporting: contact sheets, preview grids and sheets, metric curves, markdown data URIs,
+and the tables the metadata panel shows."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from lora_factory.assets.metadata import MAX_CELL_CHARS, table_entries, table_metadata
 from lora_factory.reporting import (
     LABEL_HEIGHT,
     ROW_LABEL_WIDTH,
+    SHEET_GAP,
+    TITLE_HEIGHT,
     contact_sheet_png,
     image_grid_png,
     markdown_image,
     metric_curve_png,
+    preview_cell_size,
+    preview_sheet_png,
 )
 
 
@@ -124,3 +130,71 @@ def test_markdown_image_shrinks_oversized_pngs_and_refuses_other_formats():
     assert len(base64.b64decode(encoded)) <= 50_000
     with pytest.raises(ValueError, match="PNG"):
         markdown_image(b"GIF89a", "not a png")
+
+
+def test_preview_sheet_keeps_cells_at_the_render_size_with_labels_under_them():
+    names = ["portrait", "outfit_school_uniform", "full_body"]
+    blocks = [("base model, no LoRA", [solid((255, 0, 0), (128, 128))] * 3),
+              ("step 48 (chosen)", [solid((0, 0, 255), (128, 128))] * 3)]
+    sheet = decode(preview_sheet_png(blocks, names, cols=3))
+    block_height = TITLE_HEIGHT + 128 + 2 * LABEL_HEIGHT
+    assert sheet.size == (3 * 128 + 2 * SHEET_GAP, 2 * block_height)
+    assert sheet.getpixel((64, TITLE_HEIGHT + 64)) == (255, 0, 0)
+    assert sheet.getpixel((128 + SHEET_GAP + 64, block_height + TITLE_HEIGHT + 64)) == (0, 0, 255)
+    # Default cells: the renders' own size, at most 256 px (512 px renders of a real model).
+    assert preview_cell_size([solid((0, 0, 0), (128, 128))]) == 128
+    assert preview_cell_size([solid((0, 0, 0), (512, 512))]) == 256
+    wide = decode(preview_sheet_png([("step 1", [solid((0, 0, 0), (512, 512))] * 11)], ["p"] * 11))
+    assert wide.width <= 4 * 256 + 3 * SHEET_GAP and wide.height == TITLE_HEIGHT + 3 * (256 + 2 * LABEL_HEIGHT)
+    with pytest.raises(ValueError, match="one per label"):
+        preview_sheet_png([("step 1", [solid((0, 0, 0))])], ["a", "b"])
+
+
+def test_markdown_image_with_a_minimum_width_lowers_quality_instead_of_shrinking():
+    images = [noise((128, 128), seed) for seed in range(12)]
+    png = preview_sheet_png([("step 1", images)], [f"prompt {i}" for i in range(12)])
+    width = decode(png).width
+    markdown = markdown_image(png, "previews", max_bytes=20_000, min_width=width)
+    webp = Image.open(io.BytesIO(base64.b64decode(markdown[markdown.index("base64,") + 7 : -1])))
+    assert webp.width == width  # over the budget rather than cells under 128 px
+    shrunk = markdown_image(png, "previews", max_bytes=20_000)
+    assert Image.open(io.BytesIO(base64.b64decode(shrunk[shrunk.index("base64,") + 7 : -1]))).width < width
+
+
+def test_table_metadata_is_narrow_useful_columns_first():
+    sha = "ab" * 32
+    frame = pd.DataFrame(
+        {
+            "sha256": [sha, sha],
+            "path": ["artefacts/lora_checkpoints/ash/ash-000024.safetensors", ""],
+            "detail": [f"near duplicate of {sha} (larger)", "x" * 500],
+            "tags": [np.array(["red_hair", "horns"]), np.array([], dtype=object)],
+            "score": [0.49806117368015373, float("nan")],
+            "step": [24, 48],
+        }
+    )
+    table = table_metadata(frame, max_rows=1, first=["step", "score"])
+    assert [column.name for column in table.schema.columns] == ["step", "score", "detail", "tags", "sha256", "path"]
+    (row,) = [record.data for record in table.records]
+    assert row == {
+        "step": 24,
+        "score": 0.4981,
+        "detail": f"near duplicate of {sha[:10]} (larger)",
+        "tags": "red_hair, horns",
+        "sha256": sha[:10],
+        "path": "ash-000024.safetensors",
+    }
+    long_text = table_metadata(frame.iloc[1:]).records[0].data["detail"]
+    assert len(long_text) == MAX_CELL_CHARS and long_text.endswith("…")
+    entries = table_entries("checkpoints", frame, "tables/lora_checkpoints/ash.parquet", max_rows=1)
+    assert entries["checkpoints_table_path"].value == "tables/lora_checkpoints/ash.parquet"
+    assert "checkpoints_table_path" not in table_entries("checkpoints", frame, "t.parquet", max_rows=2)
+
+
+def test_previews_shown_are_the_best_step_and_its_neighbours():
+    from lora_factory.assets.evaluation import steps_around
+
+    steps = [0, 24, 48, 72, 96]  # 0: the base model, never a neighbour
+    assert steps_around(steps, 24) == [24, 48]
+    assert steps_around(steps, 72) == [48, 72, 96]
+    assert steps_around(steps, 96, neighbours=2) == [48, 72, 96]

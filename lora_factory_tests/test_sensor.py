@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.storage.tags import RUN_KEY_TAG
 import pytest
 import yaml
 
-from lora_factory.resources import CharacterIndex
+from lora_factory.resources import AnimeSeries, CharacterIndex, FactoryStorage
 from lora_factory.sensors import character_index_sensor
 
 ROWS = [
@@ -28,11 +29,15 @@ def instance():
         yield instance
 
 
-def evaluate(instance, index_path: Path, cursor: str | None):
+def evaluate(instance, index_path: Path, cursor: str | None, series: dict[str, str] | None = None):
     context = dg.build_sensor_context(
         instance=instance,
         cursor=cursor,
-        resources={"character_index": CharacterIndex(index_path=str(index_path))},
+        resources={
+            "character_index": CharacterIndex(index_path=str(index_path)),
+            "anime_series": AnimeSeries(series=series or {}),
+            "storage": FactoryStorage(home=str(index_path.parent / "home")),
+        },
     )
     result = character_index_sensor(context)
     if isinstance(result, dg.SensorResult) and result.skip_reason:
@@ -138,3 +143,40 @@ def test_many_new_rows_add_every_partition_and_request_runs_in_batches(instance,
         assert len(partitions(instance)) == 5  # all partitions from the first tick on
     assert requested == [f"char_{n}" for n in range(5)]
     assert isinstance(evaluate(instance, index, cursor=cursor), dg.SkipReason)
+
+
+def test_anime_series_run_first_and_their_characters_after_them(instance, tmp_path):
+    episodes = tmp_path / "episodes"
+    episodes.mkdir()
+    (episodes / "ep01.mkv").write_bytes(b"one")
+    rows = [{**ROWS[0], "anime_series": ["arknights_tv"]}, ROWS[1]]
+    write_index(tmp_path / "index.yaml", rows)
+    series = {"arknights_tv": str(episodes)}
+
+    first = evaluate(instance, tmp_path / "index.yaml", None, series)
+    # The series is a partition with a run; the row that names it waits for its clusters.
+    assert sorted(instance.get_dynamic_partitions("series")) == ["arknights_tv"]
+    assert [(r.job_name, r.partition_key) for r in first.run_requests] == [
+        ("series_job", "arknights_tv"), ("character_job", "yae_miko_genshin"),
+    ]  # fmt: skip
+    assert isinstance(evaluate(instance, tmp_path / "index.yaml", first.cursor, series), dg.SkipReason)
+
+    series_run = first.run_requests[0]
+    instance.add_run(dg.DagsterRun(job_name="series_job", run_id="a" * 36, status=dg.DagsterRunStatus.FAILURE,
+                                   tags={RUN_KEY_TAG: series_run.run_key}))  # fmt: skip
+    assert isinstance(evaluate(instance, tmp_path / "index.yaml", first.cursor, series), dg.SkipReason)
+    instance.add_run(dg.DagsterRun(job_name="series_job", run_id="b" * 36, status=dg.DagsterRunStatus.SUCCESS,
+                                   tags={RUN_KEY_TAG: series_run.run_key}))  # fmt: skip
+    built = evaluate(instance, tmp_path / "index.yaml", first.cursor, series)
+    assert [(r.job_name, r.partition_key) for r in built.run_requests] == [("character_job", "surtr_arknights")]
+    assert isinstance(evaluate(instance, tmp_path / "index.yaml", built.cursor, series), dg.SkipReason)
+
+    # A new episode: the series runs again, then its character (a new run key).
+    (episodes / "ep02.mkv").write_bytes(b"two")
+    changed = evaluate(instance, tmp_path / "index.yaml", built.cursor, series)
+    assert [(r.job_name, r.partition_key) for r in changed.run_requests] == [("series_job", "arknights_tv")]
+    instance.add_run(dg.DagsterRun(job_name="series_job", run_id="c" * 36, status=dg.DagsterRunStatus.SUCCESS,
+                                   tags={RUN_KEY_TAG: changed.run_requests[0].run_key}))  # fmt: skip
+    again = evaluate(instance, tmp_path / "index.yaml", changed.cursor, series)
+    assert [(r.job_name, r.partition_key) for r in again.run_requests] == [("character_job", "surtr_arknights")]
+    assert again.run_requests[0].run_key != built.run_requests[0].run_key

@@ -11,10 +11,11 @@ import dagster as dg
 import pandas as pd
 from PIL import Image
 
-from lora_factory.assets.metadata import counts_metadata, table_metadata
+from lora_factory.assets.metadata import counts_metadata, rounded, table_entries, table_metadata
+from lora_factory.assets.anime import AnimePostsFiles, anime_posts
 from lora_factory.assets.scraping import MatchedTagsFiles, matched_tags
 from lora_factory.assets.settings import core_config, settings_for
-from lora_factory.assets.stage import AssetFiles, Stage, UpstreamError, character_asset
+from lora_factory.assets.stage import AssetFiles, Stage, UpstreamError, character_asset, character_check
 from lora_factory.cleaning.pipeline import CleaningConfig, clean_character
 from lora_factory.engines import VISION_ON_GPU
 from lora_factory.provenance import frame_hash
@@ -45,6 +46,14 @@ class CleanedCropsFiles(AssetFiles):
         return self.store.blobs.path(sha256)
 
 
+# What the metadata panel shows of the crops table, with shorter headers (every column is
+# in its Parquet file).
+CROP_COLUMNS = {
+    "kind": "kind", "site": "site", "post_id": "post_id", "width": "width", "height": "height",
+    "aesthetic_label": "quality", "aesthetic_score": "aesthetic", "identity_agreement": "identity",
+    "crop_sha256": "crop_sha256",
+}
+
 CleaningSettings = settings_for(
     CleaningConfig,
     "The cleaning chain's thresholds (lora_factory.cleaning.pipeline.CleaningConfig) and its "
@@ -68,17 +77,17 @@ CleaningSettings = settings_for(
     gpu=VISION_ON_GPU,
     group_name="dataset",
     code_version="2",
-    deps=[matched_tags],
+    deps=[matched_tags, anime_posts],
     check_specs=[
-        dg.AssetCheckSpec(
-            name="enough_crops",
-            asset="cleaned_crops",
+        character_check(
+            "enough_crops",
+            "cleaned_crops",
             blocking=True,
             description="Blocks training when cleaning left fewer crops than `min_crops`.",
         ),
-        dg.AssetCheckSpec(
-            name="identity_purity",
-            asset="cleaned_crops",
+        character_check(
+            "identity_purity",
+            "cleaned_crops",
             blocking=True,
             description=(
                 "Blocks training when fewer than `min_identity_purity` of the face-checked "
@@ -107,7 +116,7 @@ def cleaned_crops(
         storage,
         CleanedCropsFiles,
         config,
-        reads=(MatchedTagsFiles,),
+        reads=(MatchedTagsFiles, AnimePostsFiles),
         extra={"models": vision_models.names()},
     )
     crops_path = stage.files.table_path()
@@ -117,7 +126,10 @@ def cleaned_crops(
     if stage.reused is not None and embeddings.character_digest(stage.key) != stage.reused.output_hash:
         stage.distrust(f"identity vectors in {stage.files.relative(stage.store.lancedb_dir)} are missing or differ")
     if stage.needs_build():
-        posts = stage.read(MatchedTagsFiles).posts()
+        # Web posts and the character's anime figures (site `anime:<series>`), cleaned alike.
+        posts, anime = stage.read(MatchedTagsFiles).posts(), stage.read(AnimePostsFiles).posts()
+        if len(anime):
+            posts = pd.concat([posts, anime], ignore_index=True)
         result = clean_character(
             stage.key,
             posts,
@@ -157,20 +169,31 @@ def cleaned_crops(
         dg.AssetCheckResult(
             check_name="identity_purity",
             passed=purity >= config.min_identity_purity,
-            metadata={"purity": purity, "minimum": config.min_identity_purity},
+            metadata={"purity": rounded(purity), "minimum": config.min_identity_purity},
         ),
     ]
     return stage.result(
         {
             "dagster/row_count": len(crops),
             "crops_by_kind": dg.MetadataValue.json(crops["kind"].value_counts().to_dict()),
-            "identity_purity": purity,
+            "identity_purity": rounded(purity),
             "cross_character_duplicates": int(shared["crop_sha256"].nunique()),
             "cross_character_pairs": table_metadata(shared, max_rows=20),
             "drops_by_reason": counts_metadata(drops["reason"].value_counts().to_dict()),
+            **table_entries(
+                "drops", drops[["reason", "site", "post_id", "detail"]], stage.files.relative(drops_path)
+            ),
             "quarantined": len(quarantine),
-            "quarantine": table_metadata(quarantine),
-            "crops": table_metadata(crops, max_rows=30),
+            **table_entries(
+                "quarantine", quarantine[["reason", "site", "post_id", "detail"]], stage.files.relative(quarantine_path)
+            ),
+            **table_entries(
+                "crops",
+                crops[[c for c in CROP_COLUMNS if c in crops.columns]],
+                stage.files.relative(crops_path),
+                max_rows=15,
+                rename=CROP_COLUMNS,
+            ),
         },
         check_results=checks,
         pictures={"contact_sheet": contact_sheet},

@@ -17,7 +17,7 @@ import pandas as pd
 
 from lora_factory.assets.cleaning import CleanedCropsFiles, cleaned_crops
 from lora_factory.assets.index import character_index
-from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.metadata import table_entries, table_metadata
 from lora_factory.assets.settings import core_config, settings_for
 from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.bucketing.buckets import KohyaBuckets, resize_and_crop
@@ -222,24 +222,44 @@ def captions(
     table = read_table(table_path)
     clusters = read_table(clusters_path)
     summary = CaptionSummary(**read_json(summary_path))
-    top = pd.DataFrame(list(summary.tag_frequency.items())[:30], columns=["tag", "captions"])
+    top = pd.DataFrame(
+        sorted(summary.tag_frequency.items(), key=lambda item: (-item[1], item[0]))[:30], columns=["tag", "captions"]
+    )
     core = pd.DataFrame(list(summary.core_share.items()), columns=["core_tag", "share_of_crops"])
     return stage.result(
         {
             "dagster/row_count": len(table),
+            # Exactly what a prompt must contain: as the captions (and the model card) write it.
             "trigger_word": summary.trigger_word,
+            **_trigger_note(row.trigger, summary.trigger_word),
             "caption_style": summary.style,
             "core_tags": dg.MetadataValue.md(", ".join(f"`{t}`" for t in summary.core_tags)),
             "core_tag_shares": table_metadata(core),
             "outfit_clusters": table_metadata(_listed(clusters)),
             "top_tags": table_metadata(top),
-            "captions": table_metadata(
-                table[["crop_sha256", "kind", "cluster", "caption"]], max_rows=100
+            **table_entries(
+                "captions",
+                table[["caption", "kind", "cluster", "crop_sha256"]],
+                stage.files.relative(table_path),
+                max_rows=20,
             ),
             "tagger": dg.MetadataValue.json(summary.tagger),
         },
         pictures={"outfit_cluster_sheets": lambda: _cluster_sheets(stage, table, clusters)},
     )
+
+
+def _trigger_note(written: str, typed: str) -> dict[str, dg.MetadataValue]:
+    """When the captions write the index's trigger word differently (underscores as
+    spaces, lower case, brackets escaped, like every caption tag), say which to type."""
+    if written == typed:
+        return {}
+    return {
+        "trigger_word_in_index": dg.MetadataValue.md(
+            f"The index's `{written}` is written in the captions, preview prompts and model card "
+            f"as `{typed}`, like every caption tag: type `{typed}` in a prompt."
+        )
+    }
 
 
 def _listed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -389,9 +409,18 @@ def buckets(
             "steps_per_epoch": int(summary["steps_per_epoch"]),
             "steps_per_epoch_batch_size": int(summary["batch_size"]),
             "mean_aspect_error": float(table["aspect_error"].mean()) if len(table) else 0.0,
-            "buckets": table_metadata(bucket_counts),
+            "buckets": table_metadata(bucket_counts, max_rows=50),
             "repeat_rule": dg.MetadataValue.md(meta["repeats"]["rule"]),
-            "repeat_groups": table_metadata(groups),
+            **table_entries(
+                "repeat_groups", groups, stage.files.relative(groups_path), max_rows=30,
+                first=["group", "images", "repeats", "samples", "share"],
+            ),
+            **table_entries(
+                "images",
+                table.assign(bucket=names)[["bucket", "repeats", "kind", "caption", "crop_sha256"]],
+                stage.files.relative(table_path),
+                max_rows=10,
+            ),
             "crops_by_kind": dg.MetadataValue.json(meta["crops_by_kind"]),
             "train_data_dir": dg.MetadataValue.path(stage.files.relative(dataset_dir)),
             "kohya_dataset_config": dg.MetadataValue.path(stage.files.relative(config_path)),

@@ -4,19 +4,27 @@ torch and diffusers are imported inside the asset (see assets/dataset.py for why
 """
 
 import io
+from collections.abc import Sequence
 
 import dagster as dg
 import pandas as pd
+from PIL import Image
 
 from lora_factory.assets.cleaning import CleanedCropsFiles, cleaned_crops
 from lora_factory.assets.dataset import CaptionsFiles, captions
 from lora_factory.assets.index import character_index
-from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.metadata import rounded, table_metadata
 from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.assets.training import LoraCheckpointsFiles, lora_checkpoints
 from lora_factory.evaluation.prompts import preview_prompts
 from lora_factory.evaluation.recscore import score_checkpoints
-from lora_factory.evaluation.release import METRICS_FILE, MODEL_CARD, write_release
+from lora_factory.evaluation.release import (
+    METRICS_FILE,
+    MODEL_CARD,
+    PREVIEWS_FILE,
+    inline_images,
+    write_release,
+)
 from lora_factory.evaluation.selection import (
     BASELINE_STEP,
     DEFAULT_BETA,
@@ -24,7 +32,13 @@ from lora_factory.evaluation.selection import (
     selection_rule_text,
 )
 from lora_factory.provenance import frame_hash
-from lora_factory.reporting import image_grid_png, markdown_image, metric_curve_png
+from lora_factory.reporting import (
+    data_uri,
+    image_grid_png,
+    markdown_image,
+    metric_curve_png,
+    preview_sheet_png,
+)
 from lora_factory.resources import (
     BaseModelResource,
     CharacterIndex,
@@ -35,13 +49,14 @@ from lora_factory.storage import atomic_write_bytes, read_table, write_table
 
 GENDER_TAGS = {"female": "1girl", "male": "1boy", "other": "solo"}
 DEFAULT_SAMPLING_STEPS = 20
+DEFAULT_GUIDANCE = 7.0
 
 
 class EvaluationSettings(dg.Config):
     """Preview rendering and step selection (CyberHarem's F-beta rule, beta 3)."""
 
     sampling_steps: int = 0  # 0: the base model deployment's default (20 for a real model)
-    guidance: float = 7.0
+    guidance: float = 0.0  # 0: the base model deployment's default (7 for a real model)
     lora_scale: float = 1.0
     base_seed: int = 42
     beta: float = DEFAULT_BETA
@@ -71,6 +86,61 @@ class RecscoreFiles(AssetFiles):
 
     def preview_grid_png(self) -> bytes:
         return self.verified(self.folder / "previews_grid.png").read_bytes()
+
+    def preview_path(self, step: int, prompt_name: str):
+        return self.folder / f"step_{int(step):06d}" / f"{prompt_name}.png"
+
+    def preview_images(self, step: int, prompt_names: Sequence[str]) -> list[Image.Image]:
+        """The previews of one step (step 0: the base model), one per prompt, checked."""
+        images = []
+        for name in prompt_names:
+            with Image.open(self.verified(self.preview_path(step, name))) as image:
+                images.append(image.convert("RGB"))
+        return images
+
+
+# Previews shown in the UI (the base model and the steps around the best one): about this
+# many bytes of WebP per sheet in the event log. Cells are never shrunk to fit: the quality
+# is lowered first, and a sheet may go over.
+PREVIEW_SHEET_BYTES = 240_000
+
+
+def steps_around(steps: Sequence[int], best: int, neighbours: int = 1) -> list[int]:
+    """`best` and up to `neighbours` checkpoints on each side of it, in order."""
+    ordered = sorted(int(s) for s in steps if int(s) != BASELINE_STEP)
+    at = ordered.index(int(best))
+    return ordered[max(0, at - neighbours) : at + neighbours + 1]
+
+
+def step_title(record, chosen: int, beta: float) -> str:
+    """`step 48 (chosen): F3 0.512, fidelity 0.600, prompt following 0.400`."""
+    if int(record["step"]) == BASELINE_STEP:
+        name = "base model, no LoRA"
+    else:
+        name = f"step {int(record['step'])}" + (" (chosen)" if int(record["step"]) == int(chosen) else "")
+    return (
+        f"{name}: F{beta:g} {record['score']:.3f}, fidelity {record['fidelity']:.3f}, "
+        f"prompt following {record['prompt_following']:.3f}"
+    )
+
+
+def preview_sheet(
+    files: RecscoreFiles, table: pd.DataFrame, steps: Sequence[int], prompt_names: Sequence[str], chosen: int, beta: float
+) -> bytes:
+    """One block per step in `steps` (the baseline first): its previews, labelled."""
+    records = {int(r["step"]): r for r in table.to_dict("records")}
+    blocks = [
+        (step_title(records[step], chosen, beta), files.preview_images(step, prompt_names))
+        for step in steps
+    ]
+    return preview_sheet_png(blocks, list(prompt_names))
+
+
+def sheet_markdown(png: bytes, alt: str) -> str:
+    """A preview sheet as an inline picture whose cells keep their size."""
+    with Image.open(io.BytesIO(png)) as image:
+        width = image.width
+    return markdown_image(png, alt, max_bytes=PREVIEW_SHEET_BYTES, min_width=width)
 
 
 class ChosenModelFiles(AssetFiles):
@@ -131,7 +201,7 @@ def recscore_table(
             renderer = PreviewRenderer(
                 base_model.resolve(stage.store),
                 steps=config.sampling_steps or base_model.defaults.sampling_steps or DEFAULT_SAMPLING_STEPS,
-                guidance=config.guidance,
+                guidance=config.guidance or base_model.defaults.guidance or DEFAULT_GUIDANCE,
                 lora_scale=config.lora_scale,
                 clip_skip=base_model.clip_skip,
                 device=device,
@@ -168,15 +238,31 @@ def recscore_table(
         write_table(table, table_path)
         stage.finish(frame_hash(table, ["step", "fidelity", "prompt_following", "score"]), {})
     table = read_table(table_path)
+    best = choose_step(table, beta=config.beta)  # what chosen_model will publish
+
+    def previews() -> str:
+        steps = [BASELINE_STEP, *steps_around(table["step"], best)]
+        names = [p.name for p in _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)[2]]
+        sheet = preview_sheet(stage.files, table, steps, names, best, config.beta)
+        return (
+            f"The base model and the checkpoints around the best step ({best}), every picture at "
+            f"its rendered size. Every step's previews: `{stage.files.relative(out_dir)}/step_<step>/`; "
+            f"all of them in one grid: `{stage.files.relative(grid_path)}`.\n\n"
+            + sheet_markdown(sheet, f"previews around step {best}")
+        )
+
     return stage.result(
         {
             "dagster/row_count": len(table),
-            "recscore": table_metadata(table),
-            "best_score": float(table["score"].max()),
+            "recscore": table_metadata(
+                table, max_rows=100, first=["step", "score", "fidelity", "prompt_following", "artefact"]
+            ),
+            "best_step": int(best),
+            "best_score": rounded(table["score"].max()),
             "previews_dir": dg.MetadataValue.path(stage.files.relative(out_dir)),
         },
         pictures={
-            "preview_grid": lambda: markdown_image(grid_path.read_bytes(), "previews"),
+            "previews": previews,
             "recscore_curve": lambda: markdown_image(curve_path.read_bytes(), "curve"),
         },
     )
@@ -242,15 +328,36 @@ def chosen_model(
     table = scores.table()
     chosen = table[table["step"] == step].iloc[0]
     context.log.info(f"{stage.key}: chose step {step}; release at {release_dir}")
+
+    def model_card() -> str:
+        """The release's README.md with its pictures inline (the file keeps its relative
+        links): the metrics plot, and the previews of the base model and the chosen step at
+        their rendered size (recscore_table's `previews` adds the neighbouring steps, the
+        release's previews.png has every step)."""
+        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)
+        steps = [BASELINE_STEP, int(step)]
+        sheet = preview_sheet(scores, table, steps, [p.name for p in prompts], step, config.beta)
+        with Image.open(io.BytesIO(sheet)) as image:
+            width = image.width
+        return inline_images(
+            (release_dir / MODEL_CARD).read_text(encoding="utf-8"),
+            {
+                PREVIEWS_FILE: data_uri(sheet, PREVIEW_SHEET_BYTES, min_width=width),
+                METRICS_FILE: data_uri((release_dir / METRICS_FILE).read_bytes()),
+            },
+        )
+
     return stage.result(
         {
             "chosen_step": int(step),
-            "fidelity": float(chosen["fidelity"]),
-            "prompt_following": float(chosen["prompt_following"]),
-            "score": float(chosen["score"]),
+            # Exactly what a prompt must contain (as the captions and the model card write it).
+            "trigger_word": stage.read(CaptionsFiles).summary().trigger_word,
+            "fidelity": rounded(chosen["fidelity"]),
+            "prompt_following": rounded(chosen["prompt_following"]),
+            "score": rounded(chosen["score"]),
             "selection_rule": selection_rule_text(config.beta),
             "release_dir": dg.MetadataValue.path(stage.files.relative(release_dir)),
-            "model_card": dg.MetadataValue.md((release_dir / MODEL_CARD).read_text()),
+            "lora_file": dg.MetadataValue.path(stage.files.relative(release_dir / f"{stage.key}.safetensors")),
         },
-        pictures={"metrics_plot": lambda: markdown_image((release_dir / METRICS_FILE).read_bytes(), "metrics")},
+        pictures={"model_card": model_card},
     )

@@ -1,13 +1,10 @@
 """raw_scrape and matched_tags: from the character's names to the posts that are really them."""
 
-
-from pathlib import Path
-
 import dagster as dg
 import pandas as pd
 
 from lora_factory.assets.index import character_index
-from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.metadata import table_entries, table_metadata, text_entry
 from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.engines import VISION_ON_GPU
 from lora_factory.matching.tag_matching import match_character, surviving_posts
@@ -106,11 +103,16 @@ def raw_scrape(
             "repaired_images": counts.repaired,
             "site_errors": dg.MetadataValue.md("\n".join(f"- {e}" for e in result.site_errors) or "none"),
             "skipped_sites": dg.MetadataValue.md("\n".join(f"- {m}" for m in skipped_sites) or "none"),
-            "per_tag": table_metadata(result.per_tag),
-            "candidates": table_metadata(candidates),
+            # The other counts are summed above; every column is in the scrape's log.
+            "per_tag": table_metadata(
+                result.per_tag[["site", "candidate_tag", "posts", "new_posts", "reused_posts", "failed", "pages",
+                                "stop_reason"]],
+                rename={"new_posts": "new", "reused_posts": "reused", "stop_reason": "stopped"},
+            ),
+            "candidates": table_metadata(candidates, first=["site", "tag", "post_count"]),
             "manifest_sample": table_metadata(
-                manifest[["site", "post_id", "candidate_tag", "width", "height", "rating", "error"]],
-                max_rows=25,
+                manifest[["site", "post_id", "candidate_tag", "rating", "width", "height", "error", "sha256"]],
+                max_rows=10,
             ),
             "manifest_path": dg.MetadataValue.path(stage.files.relative(stage.files.table_path())),
         }
@@ -147,10 +149,7 @@ def matched_tags(
     vision_models: VisionModelsResource,
 ) -> dg.MaterializeResult:
     row = character_index.row(context.partition_key)
-    reference_paths = [
-        path if path.is_absolute() else Path(character_index.index_path).parent / path
-        for path in map(Path, row.reference_images)
-    ]
+    reference_paths = character_index.reference_paths(row)
     extra = {"row": row.content_hash()}
     if config.visual_evidence:
         extra["identity_model"] = vision_models.identity
@@ -203,12 +202,27 @@ def matched_tags(
                 "\n".join(
                     f"- **{r.site}**: `{r.tag}` ({r.outcome}, confidence {r.confidence:.2f}"
                     + ("" if pd.isna(r.visual_consistency) else f", visual {r.visual_consistency:.0%}")
-                    + f") — {r.evidence}"
+                    + ")"
                     for r in chosen.itertuples(index=False)
                 )
             ),
             "outcomes": dg.MetadataValue.json(table["outcome"].value_counts().to_dict()),
             "rejected": int((table["outcome"] == "rejected").sum()),
-            "candidates": table_metadata(table),
+            # The evidence is long text: an entry of its own, one line per candidate.
+            "candidates": table_metadata(
+                table[["site", "tag", "outcome", "confidence", "post_count", "name_similarity", "franchise_share",
+                       "visual_consistency"]],
+                rename={"post_count": "posts", "name_similarity": "name", "franchise_share": "franchise",
+                        "visual_consistency": "visual"},
+            ),
+            "evidence": text_entry(
+                f"**{r.site}** `{r.tag}` ({r.outcome}): {r.evidence}" for r in table.itertuples(index=False)
+            ),
+            **table_entries(
+                "surviving_posts",
+                posts[["site", "post_id", "candidate_tag", "rating", "width", "height", "sha256"]],
+                stage.files.relative(posts_path),
+                max_rows=10,
+            ),
         }
     )

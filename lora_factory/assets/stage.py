@@ -14,6 +14,7 @@ per character at a time, and errors with a headline.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -136,14 +137,17 @@ def _visible_files(root: Path) -> Iterator[Path]:
             yield entry
 
 
-def claim_partition(store: FactoryStore, key: str, run_id: str, run_is_live: Callable[[str], bool]) -> None:
-    """Make `run_id` the one run building `key`, or fail at once if another live run is.
+def claim_partition(
+    store: FactoryStore, key: str, run_id: str, run_is_live: Callable[[str], bool], kind: str = "characters"
+) -> None:
+    """Make `run_id` the one run building partition `key` of `kind` (the partitions'
+    name), or fail at once if another live run is.
 
-    The owner is a run id in `locks/characters/<key>.run`; the check-and-write holds an
+    The owner is a run id in `locks/<kind>/<key>.run`; the check-and-write holds an
     advisory lock, so two runs starting together cannot both win. A run that finished or
-    died (marked failed by run monitoring) no longer owns the character.
+    died (marked failed by run monitoring) no longer owns the partition.
     """
-    folder = store.root / "locks" / "characters"
+    folder = store.root / "locks" / kind
     owner_file = folder / f"{key}.run"
     with file_lock(folder / f"{key}.lock"):
         owner = owner_file.read_text().strip() if owner_file.is_file() else ""
@@ -200,7 +204,13 @@ class Stage:
             raise RuntimeError(f"{self.asset} reads {undeclared} without declaring them as deps")
         self.inputs = {cls: cls(self.store, self.key) for cls in reads}
         self.upstream_hashes = {reader.asset: reader.data_version for reader in self.inputs.values()}
-        claim_partition(self.store, self.key, context.run.run_id, _instance_run_is_live(context.instance))
+        claim_partition(
+            self.store,
+            self.key,
+            context.run.run_id,
+            _instance_run_is_live(context.instance),
+            context.assets_def.partitions_def.name,
+        )
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
         self.fingerprint = fingerprint(
             self.asset,
@@ -322,12 +332,30 @@ def headline(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
+def character_check(name: str, asset: str, **spec_kwargs: Any) -> dg.AssetCheckSpec:
+    """An asset check of a per-character asset whose results belong to the character.
+
+    With the asset's partitions on the spec, Dagster records each evaluation against the
+    partition of the run (the Checks tab shows it, and its history is per character);
+    without them every character's results would land on one unpartitioned check.
+    Dagster marks partitioned check specs as a preview feature: that notice is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(name=name, asset=asset, partitions_def=characters_partitions, **spec_kwargs)
+
+
 def character_asset(gpu: bool = False, **asset_kwargs: Any) -> Callable:
     """`dg.asset` partitioned by character, whose errors reach the UI as their own message.
 
     A `gpu` step holds a slot of the `gpu` pool while it runs and goes to the GPU workers
     (celery queue `gpu`, a GPU pod on Kubernetes); the others to the CPU ones.
     """
+    return partitioned_asset(characters_partitions, gpu, **asset_kwargs)
+
+
+def partitioned_asset(partitions_def: dg.DynamicPartitionsDefinition, gpu: bool = False, **asset_kwargs: Any) -> Callable:
+    """`character_asset` for other partitions (anime series)."""
 
     def decorate(fn: Callable) -> dg.AssetsDefinition:
         @functools.wraps(fn)
@@ -341,7 +369,7 @@ def character_asset(gpu: bool = False, **asset_kwargs: Any) -> Callable:
 
         placement = {"pool": "gpu"} if gpu else {}
         return dg.asset(
-            partitions_def=characters_partitions, op_tags=step_tags(gpu), **placement, **asset_kwargs
+            partitions_def=partitions_def, op_tags=step_tags(gpu), **placement, **asset_kwargs
         )(materialize)
 
     return decorate

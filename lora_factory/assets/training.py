@@ -9,7 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from lora_factory.assets.dataset import BucketsFiles, CaptionsFiles, buckets, captions
-from lora_factory.assets.metadata import table_metadata
+from lora_factory.assets.metadata import rounded, table_metadata
 from lora_factory.assets.settings import core_config, settings_for
 from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.captioning.captions import tag_frequency
@@ -26,6 +26,10 @@ TrainingSettings = settings_for(
     "learning rates from the optimizer.",
     exclude=("resolution", "clip_skip"),  # from the buckets and the base model
 )
+
+
+# The loss table in the metadata: the mean over this many runs of steps (loss.csv has all).
+LOSS_TABLE_ROWS = 20
 
 
 class LoraCheckpointsFiles(AssetFiles):
@@ -133,12 +137,13 @@ def lora_checkpoints(
             "dagster/row_count": len(table),
             # The resolved settings that really ran (rank, steps, learning rates, optimizer).
             "training_config": dg.MetadataValue.json(run["config"]),
-            "checkpoints": table_metadata(table[["step", "epoch", "sha256", "path"]]),
+            "checkpoints": table_metadata(table[["step", "epoch", "path", "sha256"]], max_rows=100),
             "final_checkpoint": dg.MetadataValue.path(table["path"].iloc[-1]),
             "output_dir": dg.MetadataValue.path(stage.files.relative(output_dir)),
             # A number, so that the UI's plots chart it across runs.
-            "final_loss": dg.MetadataValue.float(final_loss(losses)),
-            "loss": table_metadata(loss_windows(losses)),
+            "final_loss": dg.MetadataValue.float(rounded(final_loss(losses))),
+            "loss": table_metadata(loss_windows(losses, windows=LOSS_TABLE_ROWS), max_rows=LOSS_TABLE_ROWS),
+            "loss_table_path": dg.MetadataValue.path(stage.files.relative(output_dir / LOSS_LOG_NAME)),
         },
         pictures={
             "loss_curve": lambda: markdown_image(

@@ -1,6 +1,6 @@
 """The demo deployment (`LF_DEPLOYMENT=demo`): the demo booru, the tiny vision models, the
-tiny SD1.5-shaped base model and the demo characters, so the factory runs end to end on
-a laptop with nothing to configure or fetch. Its LoRAs and scores are meaningless.
+demo base model and the demo characters, so the factory runs end to end on a laptop with
+nothing to configure or fetch, and its LoRAs really learn their characters.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import ClassVar
 from lora_factory.demo.service import demo_booru_url
 from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
 from lora_factory.resources import (
+    AnimeSeries,
     BaseModelResource,
     CharacterIndex,
     ImageSites,
@@ -24,7 +25,18 @@ from lora_factory.vision.registry import ModelRegistry
 DEMO_INDEX_PATH = Path(__file__).with_name("index.yaml")
 # A Danbooru-API site on loopback, so it may go faster than a real site.
 DEMO_SITE = {"name": "demo", "api": "danbooru", "requests_per_second": 50.0}
+DEMO_BASE_MODEL = "demo-base"
+DEMO_BASE_MODEL_DIR = Path(__file__).with_name("base_model")  # shipped with the package
 TINY_BASE_MODEL = "tiny-sd15"
+DEMO_SERIES = "starlight_tv"
+# Training and previews on the demo base model (see DemoBaseModel).
+# Measured on Kaede's crops: 4e-3 / 2e-3 moved previews furthest toward her within 300
+# steps (1e-3 barely moved them, 1e-2 broke them; 600 steps added nothing).
+DEMO_TRAIN_STEPS = 300
+DEMO_SAVE_EVERY = 75
+DEMO_UNET_LEARNING_RATE = 4e-3
+DEMO_TEXT_ENCODER_LEARNING_RATE = 2e-3
+DEMO_GUIDANCE = 4.0  # what the base model was trained for (10% unconditional captions)
 
 
 class DemoImageSites(ImageSites):
@@ -62,12 +74,50 @@ class DemoVisionModels(VisionModelsResource):
 
 
 class DemoBaseModel(BaseModelResource):
-    """The tiny random-weight SD1.5-shaped model, built under the factory's models folder."""
+    """The demo base model, shipped with the package: a small SD1.5-shaped text-to-image
+    model trained on a population of demo-world figures (never the index's characters),
+    so it draws the demo world and follows its tags, and a LoRA has a character to learn.
+    `python -m lora_factory.demo.base_model_build` rebuilds it."""
+
+    source: str = DEMO_BASE_MODEL
+
+    # Suited to this small model and the demo's budget on a laptop CPU: a short run at
+    # higher learning rates than a real model takes, previews at its native size with
+    # the guidance it was trained for.
+    defaults: ClassVar[BaseModelDefaults] = BaseModelDefaults(
+        max_train_steps=DEMO_TRAIN_STEPS,
+        save_every_n_steps=DEMO_SAVE_EVERY,
+        unet_learning_rate=DEMO_UNET_LEARNING_RATE,
+        text_encoder_learning_rate=DEMO_TEXT_ENCODER_LEARNING_RATE,
+        sampling_steps=20,
+        guidance=DEMO_GUIDANCE,
+    )
+    synthetic_demo: ClassVar[bool] = True
+
+    def resolve(self, store: FactoryStore) -> Path:
+        if self.source != DEMO_BASE_MODEL:
+            raise ValueError(
+                f"the demo base model is always {DEMO_BASE_MODEL!r}, got {self.source!r}: for a real "
+                "model, set LF_DEPLOYMENT=production and BaseModelResource.source"
+            )
+        from lora_factory.demo.base_model_build import BUILD_MARKER
+
+        if not (DEMO_BASE_MODEL_DIR / BUILD_MARKER).is_file():
+            raise FileNotFoundError(
+                f"the demo base model is missing from {DEMO_BASE_MODEL_DIR}: reinstall the package, or "
+                f"rebuild it with `python -m lora_factory.demo.base_model_build --out {DEMO_BASE_MODEL_DIR}`"
+            )
+        return DEMO_BASE_MODEL_DIR
+
+
+class TinyBaseModel(BaseModelResource):
+    """The tiny random-weight SD1.5-shaped model, built on first use: it checks the
+    factory's plumbing in seconds (the tests use it), but draws noise, so its LoRAs learn
+    nothing one can see."""
 
     source: str = TINY_BASE_MODEL
 
-    # Random weights make its LoRAs meaningless: train only long enough for a few real
-    # checkpoints, render previews quickly, and say so in every release.
+    # Random weights: train only long enough for a few real checkpoints, render quickly.
     defaults: ClassVar[BaseModelDefaults] = BaseModelDefaults(
         max_train_steps=96, save_every_n_steps=24, sampling_steps=8
     )
@@ -75,20 +125,49 @@ class DemoBaseModel(BaseModelResource):
 
     def resolve(self, store: FactoryStore) -> Path:
         if self.source != TINY_BASE_MODEL:
-            raise ValueError(
-                f"the demo base model is always {TINY_BASE_MODEL!r}, got {self.source!r}: for a real "
-                "model, set LF_DEPLOYMENT=production and BaseModelResource.source"
-            )
+            raise ValueError(f"the tiny base model is always {TINY_BASE_MODEL!r}, got {self.source!r}")
         from lora_factory.training.tiny_sd import build_tiny_sd15  # torch: only when a stage needs it
 
         return build_tiny_sd15(store.models_dir / TINY_BASE_MODEL)
 
 
-def demo_resources(index_path: str | Path = DEMO_INDEX_PATH) -> dict:
-    """Every resource of the demo deployment but the factory's storage."""
+class DemoAnimeSeries(AnimeSeries):
+    """The demo series: the demo world animated into short synthetic episodes
+    (`lora_factory.demo.episodes`: scene cuts, pans, several figures at once, and Kaede's
+    look-alike Midori), made once on first use under the factory's home."""
+
+    series: dict[str, str] = {DEMO_SERIES: ""}
+
+    def videos(self, name: str, store: FactoryStore) -> list[Path]:
+        if name == DEMO_SERIES and not self.series.get(name):
+            from lora_factory.demo.episodes import demo_factory_series
+
+            return demo_factory_series(store.root / "demo" / "series" / name)
+        return super().videos(name, store)
+
+    def listing(self, name: str, store: FactoryStore) -> str:
+        if name == DEMO_SERIES and not self.series.get(name):
+            return "demo series"  # made once, never changes: not worth making in a sensor tick
+        return super().listing(name, store)
+
+
+DEMO_BASE_MODELS: dict[str, type[BaseModelResource]] = {
+    DEMO_BASE_MODEL: DemoBaseModel,
+    TINY_BASE_MODEL: TinyBaseModel,
+}
+
+
+def demo_resources(index_path: str | Path = DEMO_INDEX_PATH, base_model: str = DEMO_BASE_MODEL) -> dict:
+    """Every resource of the demo deployment but the factory's storage; `base_model` is a
+    DEMO_BASE_MODELS name (`LF_DEMO_BASE_MODEL`)."""
+    if base_model not in DEMO_BASE_MODELS:
+        raise ValueError(
+            f"LF_DEMO_BASE_MODEL={base_model!r} is not a demo base model: use one of {', '.join(DEMO_BASE_MODELS)}"
+        )
     return {
         "character_index": CharacterIndex(index_path=str(index_path)),
         "image_sites": DemoImageSites(),
         "vision_models": DemoVisionModels(),
-        "base_model": DemoBaseModel(),
+        "base_model": DEMO_BASE_MODELS[base_model](),
+        "anime_series": DemoAnimeSeries(),
     }

@@ -31,6 +31,7 @@ from __future__ import annotations
 import fractions
 import json
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -340,6 +341,31 @@ def generate_series(folder: Path | str, episodes: int = 3, seed: int = 0,
     """`episodes` episodes named ep01, ep02, ... (videos and truth files) in `folder`."""
     return [generate_episode(folder, f"ep{number:02d}", seed * 1000 + number, config)
             for number in range(1, episodes + 1)]
+
+
+# The series the demo factory trains from: frames big enough that cleaning's 64 px crops
+# survive, and enough shots that every character appears in several episodes.
+FACTORY_SERIES_CONFIG = SeriesConfig(size=(768, 432), shots=8)
+FACTORY_SERIES_EPISODES = 4
+
+
+def demo_factory_series(folder: Path | str) -> list[Path]:
+    """The demo factory's series (FACTORY_SERIES_CONFIG, seed 0), made once into `folder`
+    (atomically: a crash never leaves half a series); returns its episode files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            generate_series(staging, FACTORY_SERIES_EPISODES, seed=0, config=FACTORY_SERIES_CONFIG)
+            try:
+                staging.replace(folder)
+            except OSError:
+                if not folder.is_dir():  # not another process's finished series: a real error
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return sorted(folder.glob("*.mkv"))
 
 
 def still_shots_episode(path: Path | str, minutes: float = 24.0, size: tuple[int, int] = (1920, 1080),

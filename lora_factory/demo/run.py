@@ -20,18 +20,6 @@ import dagster as dg
 from lora_factory.run_health import fail_dead_runs, in_process_run_args
 
 EMBEDDED_INSTANCE = Path(__file__).resolve().parents[1] / "embedded_instance.yaml"
-PARTITIONED_ASSETS = (
-    "raw_scrape",
-    "matched_tags",
-    "cleaned_crops",
-    "captions",
-    "buckets",
-    "lora_checkpoints",
-    "recscore_table",
-    "chosen_model",
-)
-
-
 def prepare_home(home: Path) -> Path:
     """Point LF_HOME and DAGSTER_HOME at the factory's home; create the embedded instance."""
     home.mkdir(parents=True, exist_ok=True)
@@ -86,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after the environment is set: the definitions read LF_HOME.
     from lora_factory.definitions import defs
-    from lora_factory.partitions import characters_partitions
+    from lora_factory.partitions import characters_partitions, series_partitions
 
     started = time.monotonic()
     with dg.DagsterInstance.get() as instance:
@@ -111,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         if not index_result.success:
             return 1
 
-        job = defs.resolve_job_def("character_job")
+        # Anime series first: the characters bound to one take their figures from its clusters.
+        series = sorted({name for row in rows if row.key in keys for name in row.anime_series})
+        known_series = set(instance.get_dynamic_partitions(series_partitions.name))
+        instance.add_dynamic_partitions(series_partitions.name, [s for s in series if s not in known_series])
+        runs = [("series_job", name) for name in series] + [("character_job", key) for key in keys]
         summary: list[tuple[str, str, str]] = []
-        for key in keys:
+        for job_name, key in runs:
             print(f"\n=== {key} ===", flush=True)
-            result = job.execute_in_process(
+            result = defs.resolve_job_def(job_name).execute_in_process(
                 partition_key=key, instance=instance, raise_on_error=False, **in_process_run_args()
             )
             if not result.success:
@@ -138,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         "\nOpen the UI on this instance:\n"
         f"  DAGSTER_HOME={dagster_home} .venv/bin/dagster dev -w workspace.yaml   (or: make ui)\n"
         "then http://127.0.0.1:3000 -> Assets. The demo's images are synthetic and its models "
-        "tiny with random weights: its LoRAs and scores are meaningless by design."
+        "small: its base model is trained on the demo world, so its LoRAs learn their characters' "
+        "looks, and the scores measure how far."
     )
     return 0
 

@@ -31,7 +31,8 @@ How they see, all inside the ONNX graph:
   eyes and features weighted heavily and garments lightly, with colours read softly
   (a pixel counts as its nearest world colour unless it is far from all of them, so
   blurred, re-encoded or slightly off-colour generations are still recognised, as
-  real CCIP recognises imperfect generations), rotated into 768-d by a
+  real CCIP recognises imperfect generations) and each hair and eye colour weighed by
+  its share of the group's largest (stray blobs barely count), rotated into 768-d by a
   fixed orthonormal (DCT) basis. Crops of one character share hair and eyes whatever
   the outfit or framing; two characters share neither. The metrics model returns
   (1 - cosine) / 2; `metrics.json` holds the threshold between the two.
@@ -116,6 +117,7 @@ IDENTITY_THRESHOLD = 0.1785
 # The identity model reads colours softly (`_soft_colours_outside`), as real CCIP still
 # recognises imperfect generations: colours 60 apart stay apart (a pixel on one colour
 # gives the next e^-8 of its weight), a pixel 35 off its colour still counts ~0.9 for it.
+ONE_COLOUR_GROUPS = ("hair", "eyes")
 SOFT_COLOUR_SIGMA = 15.0
 SOFT_NONE_DISTANCE = 50.0
 
@@ -588,13 +590,31 @@ def _identity_basis() -> np.ndarray:
     return (np.sqrt(2.0 / IDENTITY_DIM) * np.cos(np.pi / IDENTITY_DIM * (columns + 0.5) * rows)).astype(np.float32)
 
 
+def _dominant_colours(g: _Graph, presence: str, fractions: str) -> str:
+    """Presence [N,T] with each ONE_COLOUR_GROUPS tag scaled by its share relative to the
+    group's largest: a character has one hair and one eye colour, so a stray blob of
+    another colour (a generated picture's noise) barely counts, as it would for CCIP."""
+    parts, start = [], 0
+    for group, tags in TAG_GROUPS.items():
+        stop = start + len(tags)
+        part = _channels(g, presence, start, stop)
+        if group in ONE_COLOUR_GROUPS:
+            shares = _channels(g, fractions, start, stop)
+            largest = g.reduce("ReduceMax", shares, [1], keepdims=1)
+            part = g.mul(part, g.div(shares, g.add(largest, 1e-6)))
+        parts.append(part)
+        start = stop
+    return g.concat(parts, axis=1)
+
+
 def _identity_feature_model(soft: bool) -> bytes:
     g = _Graph()
     size = IDENTITY_SIZE
     scale = (np.asarray(CLIP_STD, dtype=np.float32) * 255.0).reshape(1, 3, 1, 1)
     shift = (np.asarray(CLIP_MEAN, dtype=np.float32) * 255.0).reshape(1, 3, 1, 1)
     rgb = g.add(g.mul("input", scale), shift)
-    presence = _ColourAnalysis(g, rgb, size, soft=soft).presence
+    colours = _ColourAnalysis(g, rgb, size, soft=soft)
+    presence = _dominant_colours(g, colours.presence, colours.fractions)
     weights = np.asarray([IDENTITY_WEIGHTS[TAG_GROUP_OF[t]] for t in COLOUR_TAGS], dtype=np.float32)
     g.op("MatMul", g.mul(presence, weights), g.const(_identity_basis()), out="output")
     return g.model(

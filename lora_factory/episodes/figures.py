@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from lora_factory.cleaning.crops import Crop, clip_box, three_stage_crops
+from lora_factory.cleaning.crops import Crop, clip_box, squared_head_box, three_stage_crops
 from lora_factory.cleaning.dedup import NearDuplicateIndex, perceptual_hash
 from lora_factory.cleaning.pipeline import shifted_box, top_label  # shared with cleaning's chain
 from lora_factory.episodes.decode import EpisodeRejected
@@ -46,6 +46,7 @@ FIGURE_COLUMNS = [
 ]
 DROP_COLUMNS = ["episode", "frame_index", "time", "person_index", "stage", "reason", "detail"]
 FRAME_LEVEL = -1  # person_index of a drop that concerns the whole frame
+CONTEXT_ENLARGE = 1.15
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class FigureConfig:
     require_one_face: bool = True
     batch_frames: int = 8
     keep_images: bool = False
+    # Keep each figure's surroundings too: its box squared and enlarged CONTEXT_ENLARGE
+    # times, inside the frame. That is what the factory passes on as the figure's
+    # picture (a post, as a booru would have it): cleaning cuts its crops from it again.
+    keep_context: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_frames < 1 or self.min_crop_side < 1:
@@ -78,6 +83,7 @@ class FigureTable:
     drops: pd.DataFrame
     vectors: np.ndarray
     images: list[Image.Image] = field(default_factory=list)
+    contexts: list[Image.Image] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -94,6 +100,7 @@ class FigureTable:
             drops=pd.concat([t.drops for t in tables], ignore_index=True),
             vectors=np.concatenate([t.vectors for t in tables]),
             images=[image for t in tables for image in t.images],
+            contexts=[image for t in tables for image in t.contexts],
             counts=dict(counts),
         )
 
@@ -132,6 +139,7 @@ class _Collector:
         self.drops: list[dict] = []
         self.vectors: list[np.ndarray] = []
         self.images: list[Image.Image] = []
+        self.contexts: list[Image.Image] = []
         self.counts: Counter[str] = Counter()
 
     def drop(self, frame: KeptFrame, stage: str, reason: str, detail: str, person: int = FRAME_LEVEL) -> None:
@@ -162,6 +170,7 @@ def episode_figures(
         drops=pd.DataFrame(out.drops, columns=DROP_COLUMNS),
         vectors=np.stack(out.vectors) if out.vectors else np.zeros((0, dimension), dtype=np.float32),
         images=out.images,
+        contexts=out.contexts,
         counts=dict(out.counts),
     )
 
@@ -247,6 +256,9 @@ def _crop_and_embed(persons: list[_Person], models: VisionModels, config: Figure
         out.vectors.append(vector)
         if config.keep_images:
             out.images.append(person.crop)
+        if config.keep_context:
+            frame = person.frame.image
+            out.contexts.append(frame.crop(squared_head_box(person.box, frame.size, CONTEXT_ENLARGE)))
 
 
 def frames_at(video: Path | str, times: Iterable[float]) -> Iterator[tuple[float, Image.Image]]:
@@ -296,6 +308,28 @@ class SeriesFigures:
     episodes: pd.DataFrame
 
 
+def episode_result(video: Path | str, models: VisionModels, keyframe_config: KeyframeConfig = KeyframeConfig(),
+                   figure_config: FigureConfig = FigureConfig(),
+                   duplicates: NearDuplicateIndex | None = None) -> tuple[dict, FigureTable | None]:
+    """Keyframes and figures of one episode file (named by its stem): its EPISODE_COLUMNS
+    row, and its figures (None when the file was rejected)."""
+    video = Path(video)
+    row = dict.fromkeys(EPISODE_COLUMNS, "")
+    row["episode"] = video.stem
+    try:
+        kept = EpisodeKeyframes(video, keyframe_config, duplicates)
+        table = episode_figures(video.stem, kept, models, figure_config)
+    except EpisodeRejected as rejected:
+        return {**row, "status": "rejected", "reason": rejected.reason, "detail": rejected.detail,
+                "frames_decoded": 0, "frames_kept": 0, "figures": 0}, None
+    summary = kept.summary()
+    damage = kept.damage
+    return {**row, "status": "damaged" if damage else "ok",
+            "reason": ", ".join(d.reason for d in damage), "detail": summary["damage"],
+            "mode": kept.mode, "frames_decoded": kept.frames_decoded,
+            "frames_kept": summary["frames_kept"], "figures": len(table.figures)}, table
+
+
 def series_figures(videos: Sequence[Path | str], models: VisionModels,
                    keyframe_config: KeyframeConfig = KeyframeConfig(),
                    figure_config: FigureConfig = FigureConfig()) -> SeriesFigures:
@@ -306,21 +340,8 @@ def series_figures(videos: Sequence[Path | str], models: VisionModels,
     duplicates = NearDuplicateIndex(keyframe_config.phash_max_distance)
     tables, rows = [], []
     for video in videos:
-        video = Path(video)
-        row = dict.fromkeys(EPISODE_COLUMNS, "")
-        row["episode"] = video.stem
-        try:
-            kept = EpisodeKeyframes(video, keyframe_config, duplicates)
-            table = episode_figures(video.stem, kept, models, figure_config)
-        except EpisodeRejected as rejected:
-            rows.append({**row, "status": "rejected", "reason": rejected.reason, "detail": rejected.detail,
-                         "frames_decoded": 0, "frames_kept": 0, "figures": 0})
-            continue
-        summary = kept.summary()
-        damage = kept.damage
-        rows.append({**row, "status": "damaged" if damage else "ok",
-                     "reason": ", ".join(d.reason for d in damage), "detail": summary["damage"],
-                     "mode": kept.mode, "frames_decoded": kept.frames_decoded,
-                     "frames_kept": summary["frames_kept"], "figures": len(table.figures)})
-        tables.append(table)
+        row, table = episode_result(video, models, keyframe_config, figure_config, duplicates)
+        rows.append(row)
+        if table is not None:
+            tables.append(table)
     return SeriesFigures(FigureTable.concat(tables), pd.DataFrame(rows, columns=EPISODE_COLUMNS))

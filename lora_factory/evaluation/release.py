@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,11 @@ from typing import Any
 import pandas as pd
 
 from lora_factory.evaluation.prompts import PreviewPrompt, tag_to_prompt_text
-from lora_factory.evaluation.selection import BASELINE_STEP, DEFAULT_BETA, selection_rule_text
+from lora_factory.evaluation.selection import (
+    BASELINE_STEP,
+    DEFAULT_BETA,
+    selection_rule_text,
+)
 from lora_factory.index.character_index import CharacterRow
 from lora_factory.storage import atomic_copy, atomic_write_bytes, sha256_file
 
@@ -174,7 +179,7 @@ def model_card(
         "",
         "## Previews",
         "",
-        "Rows are checkpoints, columns are the preview prompts; every cell of a column uses the same seed.",
+        "Every checkpoint renders the same preview prompts, each with its own fixed seed; *no LoRA* is the base model.",
         "",
         f"![previews]({PREVIEWS_FILE})",
         "",
@@ -193,6 +198,17 @@ def model_card(
         lines += ["", f"Negative prompt: `{prompts[0].negative_prompt}`", ""]
     lines += ["## Provenance", "", "```json", json.dumps(dict(provenance), indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
+
+
+def inline_images(card: str, images: Mapping[str, str]) -> str:
+    """`card` with the pictures it links by file name (`![previews](previews.png)`) pointing
+    at `images[file name]` instead, e.g. data URIs, for a viewer that cannot open the
+    release folder (Dagster's UI). The release's README.md keeps its relative links."""
+    for name, target in images.items():
+        card = re.sub(
+            r"(!\[[^\]]*\]\()" + re.escape(name) + r"\)", lambda m, target=target: m.group(1) + target + ")", card
+        )
+    return card
 
 
 def _score_rows(table: pd.DataFrame) -> list[dict[str, Any]]:

@@ -43,6 +43,9 @@ class CharacterRow:
     site_tags: dict[str, str] = field(default_factory=dict)
     banned_tags: tuple[str, ...] = ()
     reference_images: tuple[str, ...] = ()
+    # Anime series (names of the `anime_series` resource) the character appears in: the
+    # identity cluster of their episodes that is this character adds its figures.
+    anime_series: tuple[str, ...] = ()
     enabled: bool = True
 
     @property
@@ -190,6 +193,17 @@ def _confined_reference(
         )
 
 
+def _anime_series(raw: dict, where: str) -> tuple[str, ...]:
+    series = _text_list(raw, "anime_series", where)
+    for name in series:
+        if not KEY_PATTERN.fullmatch(name) or len(name) > MAX_KEY_LENGTH:
+            raise CharacterIndexError(
+                f"{where}: anime_series {name!r} must be a lowercase slug (letters, digits, '_') of at "
+                f"most {MAX_KEY_LENGTH} characters, as the series' name in the anime_series resource"
+            )
+    return tuple(dict.fromkeys(series))
+
+
 def _row_from_mapping(
     raw: object, position: int, source: str, index_dir: Path, reference_root: Path
 ) -> CharacterRow:
@@ -242,6 +256,7 @@ def _row_from_mapping(
         site_tags=_site_tags(raw.get("site_tags"), where),
         banned_tags=_text_list(raw, "banned_tags", where),
         reference_images=reference_images,
+        anime_series=_anime_series(raw, where),
         enabled=enabled,
     )
 

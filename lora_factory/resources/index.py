@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import dagster as dg
 
 from lora_factory.index.character_index import (
@@ -39,3 +41,8 @@ class CharacterIndex(dg.ConfigurableResource):
 
     def row(self, key: str) -> CharacterRow:
         return self.snapshot().row(key)
+
+    def reference_paths(self, row: CharacterRow) -> list[Path]:
+        """The row's reference images as paths (relative ones are relative to the index file)."""
+        folder = Path(self._path()).parent
+        return [path if path.is_absolute() else folder / path for path in map(Path, row.reference_images)]

@@ -51,19 +51,25 @@ class VisionModelsResource(dg.ConfigurableResource):
 
 @dataclass(frozen=True)
 class BaseModelDefaults:
-    """What training and previews use for the settings a run leaves at 0 (None: their
-    usual rule: training length by dataset size, 20 sampling steps)."""
+    """What training and previews use for the settings a run leaves undecided (None: their
+    usual rule: training length by dataset size, the optimizer's learning rates, 20
+    sampling steps, guidance 7)."""
 
     max_train_steps: int | None = None
     save_every_n_steps: int | None = None
+    unet_learning_rate: float | None = None
+    text_encoder_learning_rate: float | None = None
     sampling_steps: int | None = None
+    guidance: float | None = None
 
     def training(self, config: TrainingConfig) -> TrainingConfig:
-        """`config` with these defaults where it leaves the length or the saves undecided."""
+        """`config` with these defaults where it leaves the length, the saves or the
+        learning rates undecided."""
         if self.max_train_steps and config.max_train_steps is None and config.max_train_epochs is None:
             config = replace(config, max_train_steps=self.max_train_steps)
-        if self.save_every_n_steps and config.save_every_n_steps is None:
-            config = replace(config, save_every_n_steps=self.save_every_n_steps)
+        for name in ("save_every_n_steps", "unet_learning_rate", "text_encoder_learning_rate"):
+            if getattr(self, name) and getattr(config, name) is None:
+                config = replace(config, **{name: getattr(self, name)})
         return config
 
 

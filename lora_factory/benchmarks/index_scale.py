@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     from lora_factory.benchmarks.memory import peak_rss_mb
-    from lora_factory.resources import CharacterIndex
+    from lora_factory.resources import AnimeSeries, CharacterIndex, FactoryStorage
     from lora_factory.sensors import character_index_sensor
 
     with tempfile.TemporaryDirectory() as folder, dg.DagsterInstance.ephemeral() as instance:
@@ -64,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         def tick():
             nonlocal cursor
             context = dg.build_sensor_context(
-                instance=instance, cursor=cursor, resources={"character_index": resource}
+                instance=instance,
+                cursor=cursor,
+                resources={
+                    "character_index": resource,
+                    "anime_series": AnimeSeries(),
+                    "storage": FactoryStorage(home=str(Path(folder) / "home")),
+                },
             )
             result = character_index_sensor(context)
             if isinstance(result, dg.SensorResult):

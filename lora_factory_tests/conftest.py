@@ -71,3 +71,18 @@ def scratch_database():
     with admin.cursor() as cursor:
         cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
+
+
+def tiny_models_on_one_core(tmp_path_factory):
+    """The tiny vision models, loaded (and their ONNX Runtime sessions sized) while the
+    process is pinned to one core: one intra-op thread each, as on a busy machine."""
+    from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
+    from lora_factory.vision.models import VisionModels
+
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        registry = tiny_registry(tmp_path_factory.mktemp("models"), hf_cache_dir=tmp_path_factory.mktemp("hf"))
+        yield VisionModels.load(registry, names=TINY_MODELS)
+    finally:
+        os.sched_setaffinity(0, cores)

@@ -1,16 +1,15 @@
 """Identity clusters of figures: one per character (whatever the outfit), look-alikes
 apart, stray figures left as noise; binding to references, with clear errors."""
 
-import os
 import random
 
 import numpy as np
 import pytest
+from conftest import tiny_models_on_one_core
 
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.drawing import draw_post
 from lora_factory.demo.episodes import KAEDE, MIDORI, reference_vectors
-from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
 from lora_factory.episodes.clusters import (
     NOISE,
     BindingError,
@@ -20,7 +19,6 @@ from lora_factory.episodes.clusters import (
     cluster_identities,
     cluster_sheet,
 )
-from lora_factory.vision.models import VisionModels
 
 ASH = DEMO_CHARACTERS[0]  # two outfits
 CAST = (ASH, DEMO_CHARACTERS[2], KAEDE, MIDORI)
@@ -29,14 +27,7 @@ SIDE_CHARACTER = DEMO_CHARACTERS[1]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    # One ONNX Runtime thread: the machine's other cores are busy.
-    cores = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cores)})
-    try:
-        registry = tiny_registry(tmp_path_factory.mktemp("models"), hf_cache_dir=tmp_path_factory.mktemp("hf"))
-        yield VisionModels.load(registry, names=TINY_MODELS)
-    finally:
-        os.sched_setaffinity(0, cores)
+    yield from tiny_models_on_one_core(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

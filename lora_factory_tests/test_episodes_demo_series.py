@@ -1,10 +1,10 @@
 """The demo series end to end: episodes -> keyframes -> figures -> identity clusters ->
 binding, scored against the series' ground truth; bad files beside good ones."""
 
-import os
 
 import numpy as np
 import pytest
+from conftest import tiny_models_on_one_core
 
 from lora_factory.demo.episodes import (
     DEMO_FIGURE_CONFIG,
@@ -15,24 +15,16 @@ from lora_factory.demo.episodes import (
     generate_series,
     measure_series,
 )
-from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
 from lora_factory.episodes.decode import EpisodeReader
 from lora_factory.episodes.figures import FIGURE_COLUMNS, FigureConfig, cut_crops, series_figures
 from lora_factory.episodes.keyframes import KeyframeConfig
-from lora_factory.vision.models import VisionModels
 
 KEYFRAMES = KeyframeConfig(decoder_threads=1)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    cores = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cores)})  # one ONNX Runtime thread
-    try:
-        registry = tiny_registry(tmp_path_factory.mktemp("models"), hf_cache_dir=tmp_path_factory.mktemp("hf"))
-        yield VisionModels.load(registry, names=TINY_MODELS)
-    finally:
-        os.sched_setaffinity(0, cores)
+    yield from tiny_models_on_one_core(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

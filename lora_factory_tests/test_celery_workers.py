@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DAGSTER_CELERY = Path(sys.executable).with_name("dagster-celery")
 CHARACTERS = ["ash_ember_knights", "ash_pocket_tamers"]
 GPU_STEPS = {"lora_checkpoints", "recscore_table"}
-DATA_STEPS = {"raw_scrape", "matched_tags", "cleaned_crops", "captions", "buckets", "chosen_model"}
+DATA_STEPS = {"raw_scrape", "matched_tags", "anime_posts", "cleaned_crops", "captions", "buckets", "chosen_model"}
 RUNS_WAIT_S = 900  # two characters end to end on 2 shared cores, plus a retrained step
 # The scrape tables record where and when each file was fetched: the demo booru listens on
 # a new port in every process, and the time moves on. Everything else must be equal.

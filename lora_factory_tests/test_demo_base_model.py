@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,11 @@ from lora_factory.demo.base_model_build import (
     build_demo_base_model,
     measure_autoencoder,
     nearest_world_colours,
-    training_caption,
+    caption_of,
+    region_loss_weights,
+    tag_ends,
+    tag_index,
+    training_caption_tags,
     word_merges,
     world_words,
     write_world_tokenizer,
@@ -109,12 +114,49 @@ def test_training_captions_keep_only_the_figures_tags():
 
     tags = population_figure(0, 0).tags
     rng = random.Random(0)
-    captions = [training_caption(tags, rng) for _ in range(400)]
+    captions = [caption_of(training_caption_tags(tags, rng)) for _ in range(400)]
     assert 0 < sum(caption == "" for caption in captions) < 60  # ~5% empty, for guidance
     described = [c for c in captions if c and "lowres" not in c]
     words = {tag.replace("_", " ") for tag in tags} | {"masterpiece", "best quality"}
     assert all(set(c.split(", ")) <= words for c in described)
     assert len({c for c in described}) > 300  # shuffled and thinned, rarely twice the same
+
+
+def test_region_weights_put_the_eyes_first(population):
+    figure = next(f for f in population if f.framing == "portrait" and "horns" not in f.tags)
+    pixels = torch.from_numpy(np.array(figure.image)).permute(2, 0, 1)[None]
+    weights = region_loss_weights(pixels, [figure.tags])[0, 0]
+    assert weights.shape == (IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+    assert weights.mean().item() == pytest.approx(1.0)
+    # Read each latent pixel's 8x8 patch of the picture: the eyes' patches weigh most.
+    patches = pixels[0].float().unfold(1, 8, 8).unfold(2, 8, 8)  # [3, 16, 16, 8, 8]
+
+    def covers(tag):
+        rgb = torch.tensor(WORLD_COLOURS[tag], dtype=torch.float32)[:, None, None, None, None]
+        return ((patches - rgb).abs().sum(dim=0) < 10).flatten(2).any(dim=2)
+
+    eyes, hair = covers(figure.character.eyes), covers(figure.character.hair)
+    assert eyes.any() and hair.any()
+    background = ~covers(figure.character.eyes) & ~hair
+    assert weights[eyes].min() > weights[hair & ~eyes].max() > weights[background].max()
+
+
+def test_tag_ends_name_each_tag_at_its_last_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    write_world_tokenizer(tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path, model_max_length=77)
+    captions = [["1girl", "red_hair", "masterpiece"], None, [], ["blue_eyes"]]
+    classes = tag_index([("1girl", "red_hair", "blue_eyes")])
+    token_ids = tokenize_captions(tokenizer, [caption_of(tags) for tags in captions])
+    rows, positions, labels = tag_ends(token_ids, captions, tokenizer, classes)
+    # The negative prompt and the empty caption name nothing; `1girl` ends at `girl`.
+    assert rows.tolist() == [0, 0, 0, 3]
+    names = {index: tag for tag, index in classes.items()}
+    read = [(tokenizer.convert_ids_to_tokens(int(token_ids[r, p])), names[int(label)])
+            for r, p, label in zip(rows, positions, labels, strict=True)]  # fmt: skip
+    assert read == [("girl</w>", "1girl"), ("hair</w>", "red_hair"), ("masterpiece</w>", "masterpiece"),
+                    ("eyes</w>", "blue_eyes")]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -192,6 +234,27 @@ def test_build_is_reproducible_and_refuses_existing_folders(tiny_build, tmp_path
     with pytest.raises(FileExistsError):
         build_demo_base_model(again, TINY_BUILD, log=lambda _: None)
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging left
+
+
+def test_a_build_resumed_after_stage_3_gives_the_same_bytes(tiny_build, tmp_path):
+    quiet = lambda _: None  # noqa: E731
+    stage3 = build_demo_base_model(tmp_path / "stage3", replace(TINY_BUILD, refine_steps=0), log=quiet)
+    assert json.loads((stage3 / BUILD_MARKER).read_text())["stages"] == ["vae", "decoder", "unet"]
+    resumed = build_demo_base_model(tmp_path / "resumed", TINY_BUILD, log=quiet, resume_from=stage3)
+    assert json.loads((resumed / BUILD_MARKER).read_text())["stages"] == ["vae", "decoder", "unet", "refine"]
+    for name in WEIGHT_FILES:
+        digest = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for folder in (tiny_build, resumed)]
+        assert digest[0] == digest[1], name
+    # Stage 4 changed the diffusion models, not the autoencoder.
+    changed = {name for name in WEIGHT_FILES if (stage3 / name).read_bytes() != (tiny_build / name).read_bytes()}
+    assert changed == {WEIGHT_FILES[0], WEIGHT_FILES[2]}
+    # A model that is not a stage-3 build of this recipe is refused, with the reason.
+    with pytest.raises(ValueError, match="not exactly stages 1-3"):
+        build_demo_base_model(tmp_path / "twice", TINY_BUILD, log=quiet, resume_from=resumed)
+    with pytest.raises(ValueError, match="seed 0, not 1"):
+        build_demo_base_model(tmp_path / "seed", TINY_BUILD, seed=1, log=quiet, resume_from=stage3)
+    with pytest.raises(FileNotFoundError, match="not a demo base model build"):
+        build_demo_base_model(tmp_path / "none", TINY_BUILD, log=quiet, resume_from=tmp_path)
 
 
 def test_a_lora_trains_and_renders_on_the_build(tiny_build, tmp_path, population):

@@ -96,6 +96,7 @@ LATENT_SIZE = IMAGE_SIZE // 8
 CLIP_SKIP = 2  # the factory's default: the model is trained the way LoRAs will be
 TRAIN_POPULATION_SEED = 0
 HELDOUT_POPULATION_SEED = 1  # a different population: never seen in training
+REFINE_POPULATION_SEED = 2  # stage 4's figures: none of them seen by the earlier stages
 
 VAE_CHANNELS = (16, 32, 64, 64)
 VAE_CROP = 64
@@ -113,6 +114,15 @@ NEGATIVE_CAPTION_SHARE = 0.05
 TAG_DROPOUT = 0.1
 QUALITY_PREFIX_SHARE = 0.3
 MIN_SNR_GAMMA = 5.0
+# Stage 4 weighs the diffusion loss by region (extra weight over 1, on the latent pixels a
+# region touches): eyes are one or two latent pixels, so an unweighted loss barely cares
+# what colour they are, and eye colour is what tells two characters apart.
+REGION_LOSS_WEIGHTS = {"eyes": 8.0, "features": 3.0, "hair": 1.0}
+REGION_COLOUR_RADIUS = 24.0  # RGB distance: a pixel of that colour, resizing blends included
+# Stage 4 also asks the text encoder to name every tag from the tag's last token (a linear
+# head, dropped after the build): `green hair` then reaches the UNet as one token that
+# says "green hair", not as `green` next to `hair` for the UNet to pair up.
+TAG_NAMING_WEIGHT = 0.05
 RECONSTRUCTION_MSE_WEIGHT = 4.0
 RECONSTRUCTION_PATCH_WEIGHT = 2.0
 
@@ -129,8 +139,14 @@ class BuildSteps:
     unet_steps: int
     unet_batch: int
     vae_lr: float = 1e-3
+    refine_images: int = 0
+    refine_steps: int = 0
+    refine_batch: int = 16
     unet_lr: float = 6e-4
     unet_warmup: int = 200
+    refine_lr: float = 3e-4
+    refine_warmup: int = 100
+    tag_naming_weight: float = TAG_NAMING_WEIGHT
     ema_decay: float = 0.999
 
 
@@ -142,6 +158,9 @@ FULL_BUILD = BuildSteps(
     decoder_batch=8,
     unet_steps=6000,
     unet_batch=16,
+    refine_images=12000,
+    refine_steps=6000,
+    refine_batch=16,
 )
 TINY_BUILD = BuildSteps(
     train_images=24,
@@ -152,6 +171,10 @@ TINY_BUILD = BuildSteps(
     unet_steps=3,
     unet_batch=4,
     unet_warmup=1,
+    refine_images=24,
+    refine_steps=3,
+    refine_batch=4,
+    refine_warmup=1,
 )
 
 
@@ -245,18 +268,23 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
-def training_caption(tags: Sequence[str], rng: random.Random) -> str:
-    """One augmented caption of a figure's tags (see the caption augmentation constants)."""
+def training_caption_tags(tags: Sequence[str], rng: random.Random) -> list[str] | None:
+    """The tags of one augmented caption, in caption order; None for the standard negative
+    prompt (a text, not tags); [] for the empty caption."""
     draw = rng.random()
     if draw < EMPTY_CAPTION_SHARE:
-        return ""
+        return []
     if draw < EMPTY_CAPTION_SHARE + NEGATIVE_CAPTION_SHARE:
-        return preview_prompt_sets.STANDARD_NEGATIVE_PROMPT
+        return None
     kept = [tag for tag in tags if rng.random() >= TAG_DROPOUT]
     rng.shuffle(kept)
     if rng.random() < QUALITY_PREFIX_SHARE:
         kept = [*preview_prompt_sets.QUALITY_TAGS, *kept]
-    return caption_text(kept)
+    return kept
+
+
+def caption_of(tags: list[str] | None) -> str:
+    return preview_prompt_sets.STANDARD_NEGATIVE_PROMPT if tags is None else caption_text(tags)
 
 
 # ---------------------------------------------------------------------------- models
@@ -383,22 +411,97 @@ def encode_latents(vae, pixels: torch.Tensor, batch: int = 32) -> torch.Tensor:
     return torch.cat([vae.encode(to_unit_range(chunk)).latent_dist.mode() for chunk in chunks])
 
 
-def train_unet(
+@dataclass(frozen=True)
+class DiffusionPhase:
+    """One text-to-image training phase of the build: how long, how fast, what it weighs."""
+
+    name: str
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+    ema_decay: float
+    region_weights: bool  # weigh the loss by `region_loss_weights`
+    tag_naming_weight: float  # 0: no tag-naming loss on the text encoder
+
+
+def stage3_phase(steps: BuildSteps) -> DiffusionPhase:
+    """Stage 3: UNet and text encoder from scratch, a plain loss."""
+    return DiffusionPhase("unet", steps.unet_steps, steps.unet_batch, steps.unet_lr, steps.unet_warmup,
+                          steps.ema_decay, region_weights=False, tag_naming_weight=0.0)  # fmt: skip
+
+
+def stage4_phase(steps: BuildSteps) -> DiffusionPhase:
+    """Stage 4: stage 3's models refined on fresh figures, eyes and features weighed up,
+    the text encoder naming tags."""
+    return DiffusionPhase("refine", steps.refine_steps, steps.refine_batch, steps.refine_lr, steps.refine_warmup,
+                          steps.ema_decay, region_weights=True, tag_naming_weight=steps.tag_naming_weight)  # fmt: skip
+
+
+def region_loss_weights(pixels: torch.Tensor, tags: Sequence[Sequence[str]], chunk: int = 256) -> torch.Tensor:
+    """[N, 1, H/8, W/8] loss weights on the latent grid, mean 1 per picture: 1 everywhere,
+    plus `REGION_LOSS_WEIGHTS[part]` on every latent pixel that covers some of the
+    figure's eye, feature or hair colour."""
+    colour_of = {"eyes": EYE_COLOURS, "features": FEATURE_COLOURS, "hair": HAIR_COLOURS}
+    weights = []
+    for first in range(0, len(pixels), chunk):
+        images = pixels[first : first + chunk].float()
+        extra = torch.zeros(len(images), 1, IMAGE_SIZE, IMAGE_SIZE)
+        for row, figure_tags in enumerate(tags[first : first + chunk]):
+            for part, weight in REGION_LOSS_WEIGHTS.items():
+                for tag in figure_tags:
+                    if tag in colour_of[part]:
+                        rgb = torch.tensor(colour_of[part][tag], dtype=torch.float32)[:, None, None]
+                        near = (images[row] - rgb).pow(2).sum(dim=0).sqrt() <= REGION_COLOUR_RADIUS
+                        extra[row, 0] = torch.maximum(extra[row, 0], weight * near.float())
+        latent_weights = 1.0 + torch.nn.functional.max_pool2d(extra, 8)
+        weights.append(latent_weights / latent_weights.mean(dim=(1, 2, 3), keepdim=True))
+    return torch.cat(weights)
+
+
+def tag_index(tags: Iterable[Sequence[str]]) -> dict[str, int]:
+    """Every tag a training caption may hold, numbered: the tag-naming head's classes."""
+    return {tag: i for i, tag in enumerate(sorted({*preview_prompt_sets.QUALITY_TAGS, *(t for f in tags for t in f)}))}
+
+
+def tag_ends(token_ids: torch.Tensor, caption_tags: Sequence[list[str] | None], tokenizer, classes: dict[str, int]):
+    """(caption, token position, tag class) of every tag's last token: the token before a
+    comma or the end token. Captions that are not tags (the negative prompt) are skipped."""
+    separators = torch.tensor([tokenizer.convert_tokens_to_ids(",</w>"), tokenizer.eos_token_id])
+    rows, positions, labels = [], [], []
+    for row, kept in enumerate(caption_tags):
+        if not kept:
+            continue
+        ends = torch.nonzero(torch.isin(token_ids[row, 1:], separators)).flatten()
+        ends = ends[: len(kept)]  # positions of the token before each separator
+        if len(ends) != len(kept):
+            raise ValueError(f"caption {kept} does not tokenize into one segment per tag")
+        rows += [row] * len(kept)
+        positions += ends.tolist()
+        labels += [classes[tag] for tag in kept]
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long), torch.tensor(labels)
+
+
+def train_text_to_image(
+    make_models: Callable[[], tuple[torch.nn.Module, torch.nn.Module]],
     latents: torch.Tensor,
     tags: list[tuple[str, ...]],
     tokenizer,
-    vocab: dict[str, int],
-    steps: BuildSteps,
+    phase: DiffusionPhase,
     seed: int,
     log: Log,
+    loss_weights: torch.Tensor | None = None,
     snapshot: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
     snapshot_every: int = 1000,
 ):
-    """Stage 3: text encoder and UNet together, as a text-to-image diffusion model.
+    """Train text encoder and UNet together as a text-to-image diffusion model.
 
-    Returns the exponential moving averages of both (what sampling should use).
-    `snapshot(step, unet, text_encoder)` is handed those averages every `snapshot_every`
-    steps, so that a long build can be looked at before it ends.
+    `make_models()` gives the (UNet, text encoder) to train; it is called after seeding,
+    so that new models' initialisation belongs to the phase's random stream. Epsilon
+    prediction on SD1.5's schedule with Min-SNR weighting; `loss_weights` ([N, 1, h, w],
+    see `region_loss_weights`) weigh each picture's latent pixels. Returns the
+    exponential moving averages of both models (what sampling should use). `snapshot(step, unet, text_encoder)` is handed those averages
+    every `snapshot_every` steps, so that a long build can be looked at before it ends.
     """
     import copy
 
@@ -406,39 +509,52 @@ def train_unet(
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    unet, text_encoder = new_unet(), new_text_encoder(vocab)
-    models = torch.nn.ModuleList([unet, text_encoder])
+    unet, text_encoder = make_models()
+    models = torch.nn.ModuleList([unet, text_encoder]).train().requires_grad_(True)
     averaged = copy.deepcopy(models).requires_grad_(False)
-    optimizer = torch.optim.AdamW(models.parameters(), lr=steps.unet_lr, weight_decay=0.01)
+    trained = list(models.parameters())
+    classes = tag_index(tags)
+    naming_head = None
+    if phase.tag_naming_weight > 0:
+        naming_head = torch.nn.Linear(TEXT_WIDTH, len(classes))
+        trained += list(naming_head.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=phase.lr, weight_decay=0.01)
     schedule = DDPMScheduler(**SD15_NOISE_SCHEDULE)
     alphas_cumprod = schedule.alphas_cumprod
     started = time.monotonic()
-    for step in range(steps.unet_steps):
+    for step in range(phase.steps):
         for group in optimizer.param_groups:
-            group["lr"] = steps.unet_lr * _cosine_lr(step, steps.unet_steps, steps.unet_warmup)
-        picks = [rng.randrange(len(latents)) for _ in range(steps.unet_batch)]
-        captions = [training_caption(tags[i], rng) for i in picks]
-        token_ids = tokenize_captions(tokenizer, captions)
+            group["lr"] = phase.lr * _cosine_lr(step, phase.steps, phase.warmup)
+        picks = [rng.randrange(len(latents)) for _ in range(phase.batch)]
+        caption_tags = [training_caption_tags(tags[i], rng) for i in picks]
+        token_ids = tokenize_captions(tokenizer, [caption_of(kept) for kept in caption_tags])
         clean = latents[picks]
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(picks),))
         noisy = schedule.add_noise(clean, noise, timesteps)
         hidden = encode_token_ids(text_encoder, token_ids, CLIP_SKIP)
         predicted = unet(noisy, timesteps, hidden).sample
+        squared_error = (predicted - noise).pow(2)
+        if loss_weights is not None:
+            squared_error = squared_error * loss_weights[picks]
         # Min-SNR-gamma weighting for epsilon prediction: min(SNR, gamma) / SNR.
         snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
         weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-        loss = (weight * (predicted - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = (weight * squared_error.mean(dim=(1, 2, 3))).mean()
+        if naming_head is not None:
+            rows, positions, labels = tag_ends(token_ids, caption_tags, tokenizer, classes)
+            naming = torch.nn.functional.cross_entropy(naming_head(hidden[rows, positions]), labels)
+            loss = loss + phase.tag_naming_weight * naming
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        decay = min(steps.ema_decay, (1 + step) / (10 + step))
+        decay = min(phase.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for average, current in zip(averaged.parameters(), models.parameters(), strict=True):
                 average.lerp_(current, 1 - decay)
-        _log_progress(log, "unet", step, steps.unet_steps, loss.item(), started)
-        if snapshot is not None and (step + 1) % snapshot_every == 0 and step + 1 < steps.unet_steps:
+        _log_progress(log, phase.name, step, phase.steps, loss.item(), started)
+        if snapshot is not None and (step + 1) % snapshot_every == 0 and step + 1 < phase.steps:
             snapshot(step + 1, averaged[0], averaged[1])
     return averaged[0], averaged[1]
 
@@ -472,12 +588,16 @@ def build_demo_base_model(
     seed: int = 0,
     log: Log = print,
     snapshots: Path | None = None,
+    resume_from: Path | None = None,
 ) -> Path:
     """Train the demo base model and save its pipeline folder at `out` (which must not exist).
 
     One CPU thread, fixed seeds (see the module docstring on reproducibility). The
     folder appears atomically: it is built next to `out` and renamed. With `snapshots`,
-    the UNet stage's intermediate models are saved there too (`step_001000`, ...).
+    the diffusion stages' intermediate models are saved there too (`unet_001000`, ...).
+    `resume_from` is a model built by the same recipe up to stage 3 (stage 4 not run,
+    or a recipe-2 model): stages 1-3 are taken from it and only stage 4 runs, which gives
+    the same bytes as a build from scratch.
     """
     from transformers import CLIPTokenizer
 
@@ -491,42 +611,104 @@ def build_demo_base_model(
         vocab = write_world_tokenizer(staging / "tokenizer_source")
         tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer_source", model_max_length=MAX_TOKENS)
         log(f"tokenizer: {len(vocab)} tokens")
-        pixels, tags = population_tensor(TRAIN_POPULATION_SEED + seed, steps.train_images)
-        log(f"drew {len(pixels)} training figures")
+        marker = {"recipe_version": RECIPE_VERSION, "seed": seed, "steps": asdict(steps), "torch": torch.__version__}
+
+        def save(folder: Path, vae, unet, text_encoder, stages: list[str]) -> None:
+            _save_pipeline(folder, vae, text_encoder, tokenizer, unet, staging / "tokenizer_source",
+                           {**marker, "stages": stages})  # fmt: skip
+
         with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
-            vae = train_vae(pixels, steps, seed, log)
-            finetune_decoder(vae, pixels, steps, seed + 1, log)
-            vae.eval()
-            latents = encode_latents(vae, pixels)
-            # Rounded, so the config holds a readable number; latents get unit variance.
-            scaling_factor = float(f"{1.0 / latents.std().item():.5g}")
-            vae.register_to_config(scaling_factor=scaling_factor)
-            log(f"vae scaling factor {scaling_factor}")
-            marker = {
-                "recipe_version": RECIPE_VERSION,
-                "seed": seed,
-                "steps": asdict(steps),
-                "torch": torch.__version__,
-            }
-
-            def save(folder: Path, unet, text_encoder) -> None:
-                _save_pipeline(folder, vae, text_encoder, tokenizer, unet, staging / "tokenizer_source", marker)
-
-            def snapshot(step: int, unet, text_encoder) -> None:
-                save(snapshots / f"step_{step:06d}", unet, text_encoder)
-                log(f"saved snapshot {snapshots / f'step_{step:06d}'}")
-
-            unet, text_encoder = train_unet(
-                latents * scaling_factor, tags, tokenizer, vocab, steps, seed + 2, log,
-                snapshot=snapshot if snapshots is not None else None,
-            )  # fmt: skip
+            if resume_from is not None:
+                vae, unet, text_encoder = load_stage3(Path(resume_from), steps, seed, vocab)
+                log(f"stages 1-3 from {resume_from}")
+            else:
+                vae, unet, text_encoder = _stages_1_to_3(steps, seed, tokenizer, vocab, log, save, snapshots)
+            stages = ["vae", "decoder", "unet"]
+            if steps.refine_steps:
+                unet, text_encoder = _stage_4(vae, unet, text_encoder, steps, seed, tokenizer, log, save, snapshots)
+                stages.append("refine")
         build_dir = staging / "pipeline"
-        save(build_dir, unet, text_encoder)
+        save(build_dir, vae, unet, text_encoder, stages)
         build_dir.replace(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"built {out} in {time.monotonic() - began:.0f}s")
     return out
+
+
+def _snapshot_saver(save, snapshots: Path | None, vae, phase: str, stages: list[str], log: Log):
+    if snapshots is None:
+        return None
+
+    def snapshot(step: int, unet, text_encoder) -> None:
+        folder = snapshots / f"{phase}_{step:06d}"
+        save(folder, vae, unet, text_encoder, stages)
+        log(f"saved snapshot {folder}")
+
+    return snapshot
+
+
+def _stages_1_to_3(steps: BuildSteps, seed: int, tokenizer, vocab: dict[str, int], log: Log, save, snapshots):
+    """The autoencoder (stages 1 and 2), then UNet and text encoder from scratch (stage 3)."""
+    pixels, tags = population_tensor(TRAIN_POPULATION_SEED + seed, steps.train_images)
+    log(f"drew {len(pixels)} training figures")
+    vae = train_vae(pixels, steps, seed, log)
+    finetune_decoder(vae, pixels, steps, seed + 1, log)
+    vae.eval()
+    latents = encode_latents(vae, pixels)
+    # Rounded, so the config holds a readable number; latents get unit variance.
+    scaling_factor = float(f"{1.0 / latents.std().item():.5g}")
+    vae.register_to_config(scaling_factor=scaling_factor)
+    log(f"vae scaling factor {scaling_factor}")
+    unet, text_encoder = train_text_to_image(
+        lambda: (new_unet(), new_text_encoder(vocab)), latents * scaling_factor, tags, tokenizer,
+        stage3_phase(steps), seed + 2, log,
+        snapshot=_snapshot_saver(save, snapshots, vae, "unet", ["vae", "decoder", "unet"], log),
+    )  # fmt: skip
+    return vae, unet, text_encoder
+
+
+def _stage_4(vae, unet, text_encoder, steps: BuildSteps, seed: int, tokenizer, log: Log, save, snapshots):
+    """Stage 3's models refined on fresh figures (`stage4_phase`)."""
+    pixels, tags = population_tensor(REFINE_POPULATION_SEED + seed, steps.refine_images)
+    log(f"drew {len(pixels)} figures for refinement")
+    latents = encode_latents(vae, pixels) * vae.config.scaling_factor
+    weights = region_loss_weights(pixels, tags)
+    del pixels
+    return train_text_to_image(
+        lambda: (unet, text_encoder), latents, tags, tokenizer, stage4_phase(steps), seed + 3, log,
+        loss_weights=weights,
+        snapshot=_snapshot_saver(save, snapshots, vae, "refine", ["vae", "decoder", "unet", "refine"], log),
+    )  # fmt: skip
+
+
+def load_stage3(folder: Path, steps: BuildSteps, seed: int, vocab: dict[str, int]):
+    """(vae, unet, text encoder) of a model built up to stage 3 with these steps and seed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    marker_path = folder / BUILD_MARKER
+    if not marker_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {BUILD_MARKER}: not a demo base model build")
+    marker = json.loads(marker_path.read_text())
+    stages = marker.get("stages", ["vae", "decoder", "unet"])  # recipe 2 ended with stage 3
+    earlier = {k: v for k, v in asdict(steps).items() if not k.startswith(("refine_", "tag_naming"))}
+    theirs = {k: v for k, v in marker["steps"].items() if not k.startswith(("refine_", "tag_naming"))}
+    problems = []
+    if stages != ["vae", "decoder", "unet"]:
+        problems.append(f"it holds stages {stages}, not exactly stages 1-3")
+    if marker["seed"] != seed:
+        problems.append(f"it was built with seed {marker['seed']}, not {seed}")
+    if theirs != earlier:
+        problems.append(f"its stages 1-3 ran {theirs}, not {earlier}")
+    if json.loads((folder / "tokenizer" / "vocab.json").read_text()) != vocab:
+        problems.append("its tokenizer is not this recipe's")
+    if problems:
+        raise ValueError(f"cannot resume from {folder}: " + "; ".join(problems))
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    return vae, unet, text_encoder
 
 
 def _save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, tokenizer_source: Path, marker: dict) -> None:
@@ -693,7 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="build the model into this new folder")
     parser.add_argument("--tiny", action="store_true", help="a smoke build with tiny step counts")
-    parser.add_argument("--snapshots", type=Path, help="also save the UNet stage's intermediate models here")
+    parser.add_argument("--snapshots", type=Path, help="also save the diffusion stages' intermediate models here")
+    parser.add_argument("--resume-from", type=Path, help="a model built up to stage 3: run only stage 4")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measure", type=Path, help="measure this built model (and write --samples)")
     parser.add_argument("--samples", type=Path, help="folder for sample grids (with --measure)")
@@ -705,7 +888,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     if args.out:
-        build_demo_base_model(args.out, TINY_BUILD if args.tiny else FULL_BUILD, args.seed, log, args.snapshots)
+        build_demo_base_model(
+            args.out, TINY_BUILD if args.tiny else FULL_BUILD, args.seed, log, args.snapshots, args.resume_from
+        )
     if args.measure:
         log(json.dumps(measure_autoencoder(args.measure)))
         for part in COLOUR_CHOICES:

@@ -242,7 +242,7 @@ def test_a_build_resumed_after_stage_3_gives_the_same_bytes(tiny_build, tmp_path
     assert json.loads((stage3 / BUILD_MARKER).read_text())["stages"] == ["vae", "decoder", "unet"]
     resumed = build_demo_base_model(tmp_path / "resumed", TINY_BUILD, log=quiet, resume_from=stage3)
     assert json.loads((resumed / BUILD_MARKER).read_text())["stages"] == ["vae", "decoder", "unet", "refine"]
-    for name in WEIGHT_FILES:
+    for name in (*WEIGHT_FILES, "unet/config.json", "vae/config.json", "text_encoder/config.json"):
         digest = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for folder in (tiny_build, resumed)]
         assert digest[0] == digest[1], name
     # Stage 4 changed the diffusion models, not the autoencoder.

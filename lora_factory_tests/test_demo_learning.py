@@ -1,18 +1,23 @@
 """A LoRA trained on the shipped demo base model learns its character.
 
 A learning regression test, not a timing test: one demo character's cleaning-style crops,
-captioned the factory's way (trigger word first, core tags folded into it), train a short
-LoRA on the demo base model; the factory's RecScore then renders the preview prompts
-(trigger word, no colour words) with the base model alone and at every checkpoint, and
-the identity model must find the character clearly more often with the LoRA.
+captioned the factory's way (the tagger's tags, core tags folded into the trigger word),
+train a short LoRA on the demo base model with the demo's defaults; the factory's
+RecScore then renders the preview prompts (trigger word, no colour words) with the base
+model alone and at every checkpoint, and the identity model must find the character
+clearly more often with the LoRA than without.
 """
 
 from __future__ import annotations
 
+import json
+
+import pandas as pd
 import pytest
 from PIL import Image
 
 from lora_factory.benchmarks.identity_tolerance import character_crops
+from lora_factory.captioning.captions import caption_dataset
 from lora_factory.demo.base_model_build import one_cpu_thread
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.deployment import DEMO_BASE_MODEL_DIR, DemoBaseModel
@@ -23,6 +28,7 @@ from lora_factory.evaluation.recscore import score_checkpoints
 from lora_factory.evaluation.selection import BASELINE_STEP, choose_step
 from lora_factory.training.config import TrainingConfig
 from lora_factory.training.dataset import TrainingExample
+from lora_factory.training.kohya_format import read_kohya_lora
 from lora_factory.training.train import train_lora
 from lora_factory.vision.models import VisionModels
 
@@ -31,33 +37,37 @@ TRIGGER = "kaede_sa"
 SIDE = 128  # the demo base model's native size
 
 
-def training_examples(folder) -> tuple[list[TrainingExample], list[Image.Image]]:
-    gender = "1girl" if CHARACTER.gender == "female" else "1boy"
+def training_examples(folder, tagger) -> tuple[list[TrainingExample], list[Image.Image], list[str]]:
+    """Her crops on white squares at the model's size, captioned as `captions` captions
+    them; also the crops and the core tags the captions folded into the trigger word."""
     crops = character_crops(CHARACTER, 40)
-    examples = []
+    paths = []
     for number, crop in enumerate(crops):
         side = max(crop.size)
         square = Image.new("RGB", (side, side), "white")
         square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
-        path = folder / f"{number:03d}.png"
-        square.resize((SIDE, SIDE), Image.Resampling.LANCZOS).save(path)
-        examples.append(TrainingExample(path, f"{TRIGGER}, {gender}, solo", (SIDE, SIDE)))
-    return examples, crops
+        paths.append(folder / f"{number:03d}.png")
+        square.resize((SIDE, SIDE), Image.Resampling.LANCZOS).save(paths[-1])
+    predictions = tagger.predict([Image.open(path).convert("RGB") for path in paths])
+    captioned = caption_dataset(pd.DataFrame({"crop_sha256": [p.stem for p in paths]}), predictions, TRIGGER)
+    examples = [TrainingExample(path, caption, (SIDE, SIDE)) for path, caption in zip(paths, captioned.table["caption"])]
+    return examples, crops, captioned.core_tags
 
 
 @pytest.mark.timeout(1200)
 def test_a_short_lora_on_the_demo_base_model_learns_its_character(tmp_path):
-    examples, crops = training_examples(tmp_path)
+    models = VisionModels.load(tiny_registry(tmp_path / "models"), names=TINY_MODELS)
+    examples, crops, core_tags = training_examples(tmp_path, models.tagger)
+    # Her hair, eyes and hair length are folded into the trigger word, never written.
+    assert {CHARACTER.hair, CHARACTER.eyes} <= set(core_tags)
+    assert not any(CHARACTER.hair.replace("_", " ") in example.caption for example in examples)
     defaults = DemoBaseModel.defaults
-    config = defaults.training(
-        TrainingConfig(rank=8, batch_size=4, resolution=SIDE)
-    )
+    config = defaults.training(TrainingConfig(rank=8, batch_size=4, resolution=SIDE))
     with one_cpu_thread():
         checkpoints = train_lora(
             DEMO_BASE_MODEL_DIR, examples, tmp_path / "out", config, output_name=TRIGGER, trigger_word=TRIGGER,
             tag_frequency={}, dataset_dirs={}, log=lambda message: None, device="cpu",
         )  # fmt: skip
-        models = VisionModels.load(tiny_registry(tmp_path / "models"), names=TINY_MODELS)
         prompts = preview_prompts(
             TRIGGER, [CHARACTER.hair, CHARACTER.eyes, *CHARACTER.features], [list(o) for o in CHARACTER.outfits]
         )
@@ -68,8 +78,12 @@ def test_a_short_lora_on_the_demo_base_model_learns_its_character(tmp_path):
             [(c.step, c.path) for c in checkpoints], renderer, prompts, crops, models.identity, models.tagger,
             baseline=True,
         )  # fmt: skip
+    # The demo trains the UNet's convolutions too (kohya's conv_dim), and the file says so.
+    _, metadata = read_kohya_lora(checkpoints[-1].path)
+    assert json.loads(metadata["ss_network_args"])["conv_dim"] == str(defaults.conv_rank)
     fidelity = table.set_index("step")["fidelity"]
     chosen = choose_step(table)
-    # The base model does not draw her from the trigger word; the LoRA does, clearly.
+    # The base model does not draw her from the trigger word; the LoRA does, clearly more
+    # often (the factory's target, 0.5, is not reached yet in 300 steps: 0.3 here).
     assert fidelity[BASELINE_STEP] <= 0.15, table
-    assert fidelity[chosen] >= fidelity[BASELINE_STEP] + 0.1, table
+    assert fidelity[chosen] >= fidelity[BASELINE_STEP] + 0.2, table

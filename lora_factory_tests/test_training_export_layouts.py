@@ -36,13 +36,21 @@ LOKR_FACTOR_1 = ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
 LOKR_FACTOR_2 = ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"})
 
 
-def kohya_target_modules(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.nn.Module]:
+CONV_RANK, CONV_ALPHA = 8, 2.0
+
+
+def kohya_target_modules(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module, conv: bool = False
+) -> dict[str, torch.nn.Module]:
     """The modules kohya's networks.lora wraps for SD1.5, by kohya name, found independently:
     every Linear / 1x1 Conv2d inside a Transformer2DModel of the UNet, every Linear inside
-    the text encoder's CLIPAttention / CLIPMLP blocks (A1111 names keep `text_model`)."""
+    the text encoder's CLIPAttention / CLIPMLP blocks (A1111 names keep `text_model`); with
+    `conv` (kohya's conv_dim), every Linear and Conv2d of the ResnetBlock2D, Downsample2D
+    and Upsample2D blocks too."""
     found = {}
+    unet_blocks = {"Transformer2DModel"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if conv else set())
     for owner, prefix, container_types in (
-        (unet, "lora_unet_", {"Transformer2DModel"}),
+        (unet, "lora_unet_", unet_blocks),
         (text_encoder, "lora_te_text_model_", {"CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"}),
     ):
         for path, module in owner.named_modules():
@@ -51,7 +59,7 @@ def kohya_target_modules(unet: torch.nn.Module, text_encoder: torch.nn.Module) -
             for child_path, child in module.named_modules():
                 linear = isinstance(child, torch.nn.Linear)
                 pointwise_conv = isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1)
-                if linear or pointwise_conv:
+                if linear or pointwise_conv or (conv and isinstance(child, torch.nn.Conv2d)):
                     found[prefix + f"{path}.{child_path}".replace(".", "_")] = child
     return found
 
@@ -63,11 +71,13 @@ def full_size_targets():
     return kohya_target_modules(unet, text_encoder)
 
 
-def _full_size_export(network_type: str, rank: int = 16, alpha: float = 8.0) -> dict[str, torch.Tensor]:
+def _full_size_export(
+    network_type: str, rank: int = 16, alpha: float = 8.0, conv_rank: int = 0, conv_alpha: float | None = None
+) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         unet, text_encoder = build_sd15_unet(), build_clip_l_text_encoder()
-        add_adapters(unet, text_encoder, network_type, rank, alpha)
-    return peft_to_kohya_state_dict(unet, text_encoder, alpha=alpha)
+        add_adapters(unet, text_encoder, network_type, rank, alpha, conv_rank=conv_rank, conv_alpha=conv_alpha)
+    return peft_to_kohya_state_dict(unet, text_encoder, alpha=alpha, conv_alpha=conv_alpha)
 
 
 def _weight_shape(module: torch.nn.Module) -> tuple[int, int]:
@@ -107,6 +117,30 @@ def test_every_key_maps_onto_a_full_size_sd15_module(full_size_targets, network_
             w1 = _kron_factor_shape(tensors, name, "w1")
             w2 = _kron_factor_shape(tensors, name, "w2")
             assert (w1[0] * w2[0], w1[1] * w2[1]) == (out_dim, in_dim), name
+
+
+@pytest.mark.parametrize("network_type", ["lora", "loha", "lokr"])
+def test_a_conv_rank_adds_kohyas_resnet_and_sampler_modules(network_type):
+    with torch.device("meta"):
+        unet, text_encoder = build_sd15_unet(), build_clip_l_text_encoder()
+    expected = kohya_target_modules(unet, text_encoder, conv=True)
+    tensors = _full_size_export(network_type, 16, 8.0, CONV_RANK, CONV_ALPHA)
+    names = {kohya_module_name(key) for key in tensors}
+    assert names == set(expected)
+    # 22 ResNet blocks (conv1, conv2, time_emb_proj), 14 shortcuts, 3 down- and 3 upsamplers.
+    assert len(names) - (16 * 10 + 16 * 2 + 12 * 6) == 22 * 3 + 14 + 6
+    for name in names:
+        module = expected[name]
+        three_by_three = isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3)
+        # (LoKr with two full Kronecker factors writes alpha = rank: its scale is in the weights.)
+        if network_type != "lokr" or any(key.startswith(f"{name}.") and key.endswith("_b") for key in tensors):
+            assert tensors[f"{name}.alpha"].item() == (CONV_ALPHA if three_by_three else 8.0), name
+        if network_type == "lora" and three_by_three:
+            # kohya's conv layout: a 3x3 down convolution, a 1x1 up convolution.
+            assert tensors[f"{name}.lora_down.weight"].shape == (CONV_RANK, module.in_channels, 3, 3)
+            assert tensors[f"{name}.lora_up.weight"].shape == (module.out_channels, CONV_RANK, 1, 1)
+    module_name, args = network_metadata(network_type, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA)
+    assert {key: args[key] for key in ("conv_dim", "conv_alpha")} == {"conv_dim": "8", "conv_alpha": "2"}
 
 
 def _kron_factor_shape(tensors, name: str, factor: str) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Trainer options: LoHa/LoKr runs, Prodigy, input perturbation, epochs, out-of-memory advice,
+"""Trainer options: LoHa/LoKr runs, conv ranks (LoCon), Prodigy, input perturbation, epochs, out-of-memory advice,
 GPU claims, SDPA attention and the VAE's precision, nothing touching CUDA at import."""
 
 from __future__ import annotations
@@ -119,6 +119,32 @@ def test_lokr_run_with_text_encoder(tiny_sd, examples, tmp_path):
     assert all(key.split(".", 1)[1].startswith(("lokr_w", "alpha")) for key in tensors)
     assert json.loads(metadata["ss_network_args"])["algo"] == "lokr"
     assert metadata["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"
+
+
+def test_a_conv_rank_trains_the_resnet_convolutions_and_previews_load_them(tiny_sd, examples, tmp_path):
+    from lora_factory.evaluation.previews import PreviewRenderer
+    from lora_factory.evaluation.prompts import PreviewPrompt
+
+    with pytest.raises(ValueError, match="conv_rank must be >= 0"):
+        TrainingConfig(conv_rank=-1)
+    with pytest.raises(ValueError, match="give conv_rank too"):
+        TrainingConfig(conv_alpha=2.0).resolved(5)
+    assert TrainingConfig().resolved(5).conv_rank == 0  # kohya's default: attention blocks only
+    assert TrainingConfig(conv_rank=6).resolved(5).conv_alpha == 3.0
+    config = TrainingConfig(rank=4, alpha=2, conv_rank=8, conv_alpha=2, batch_size=2, max_train_steps=2)
+    checkpoint = _train(tiny_sd, examples, tmp_path, config)[-1]
+    tensors, metadata = read_kohya_lora(checkpoint.path)
+    convs = {kohya_module_name(key) for key in tensors if tensors[key].ndim == 4 and tensors[key].shape[-1] == 3}
+    assert convs and all("_resnets_" in name or "samplers_" in name for name in convs)
+    assert {tensors[f"{name}.alpha"].item() for name in convs} == {2.0}
+    assert tensors[f"{next(iter(convs))}.lora_down.weight"].shape[0] == 8
+    assert any(name.endswith("_time_emb_proj") for name in {kohya_module_name(key) for key in tensors})
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "8", "conv_alpha": "2"}
+    # diffusers' kohya loader takes every module, convolutions included (the renderer
+    # refuses a file whose modules do not all load).
+    renderer = PreviewRenderer(tiny_sd, steps=2, guidance=1.0, device="cpu")
+    with_lora = renderer.render(checkpoint.path, [PreviewPrompt("p", TRIGGER, "", 0)])
+    assert len(with_lora) == 1 and with_lora[0].getbbox() is not None
 
 
 def test_input_perturbation_changes_the_step_deterministically(tiny_sd, examples):

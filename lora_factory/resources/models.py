@@ -59,15 +59,16 @@ class BaseModelDefaults:
     save_every_n_steps: int | None = None
     unet_learning_rate: float | None = None
     text_encoder_learning_rate: float | None = None
+    conv_rank: int | None = None
     sampling_steps: int | None = None
     guidance: float | None = None
 
     def training(self, config: TrainingConfig) -> TrainingConfig:
-        """`config` with these defaults where it leaves the length, the saves or the
-        learning rates undecided."""
+        """`config` with these defaults where it leaves the length, the saves, the
+        learning rates or the conv rank undecided."""
         if self.max_train_steps and config.max_train_steps is None and config.max_train_epochs is None:
             config = replace(config, max_train_steps=self.max_train_steps)
-        for name in ("save_every_n_steps", "unet_learning_rate", "text_encoder_learning_rate"):
+        for name in ("save_every_n_steps", "unet_learning_rate", "text_encoder_learning_rate", "conv_rank"):
             if getattr(self, name) and getattr(config, name) is None:
                 config = replace(config, **{name: getattr(self, name)})
         return config

@@ -5,6 +5,8 @@ that ten thousand characters can be trained without hand-tuning each one:
 
 - rank (network dim) grows with the number of images, inside the seeds' 4..32 range, and
   alpha is half the rank (the seeds' "alpha half of rank or less");
+- the UNet's 3x3 convolutions are left alone unless `conv_rank` is set (kohya's
+  `conv_dim`, "LoCon"; its alpha, `conv_alpha`, is half of it unless given);
 - the number of epochs follows CyberHarem's idea that small datasets need many passes and
   big ones few (`EPOCHS_BY_DATASET_SIZE`); the step budget is epochs x batches per pass
   (or `max_train_epochs` passes over the repeated samples, or `max_train_steps`);
@@ -90,6 +92,11 @@ class TrainingConfig:
     network_type: str = "lora"
     rank: int | None = None  # None: from the dataset size (4..32)
     alpha: float | None = None  # None: rank / 2
+    # kohya's conv_dim / conv_alpha ("LoCon"): with a rank, the UNet's ResNet blocks and
+    # down/upsamplers are adapted too (3x3 convolutions at this rank, their 1x1 shortcut
+    # and time-embedding projection at `rank`). None or 0: attention blocks only.
+    conv_rank: int | None = None
+    conv_alpha: float | None = None  # None: conv_rank / 2
     lokr_factor: int = -1  # LoKr's Kronecker factor; -1: the factor nearest the square root
     unet_learning_rate: float | None = None  # None: the optimizer's default
     text_encoder_learning_rate: float | None = None
@@ -124,6 +131,12 @@ class TrainingConfig:
             problems.append(f"rank must be >= 1, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
             problems.append(f"alpha must be > 0, got {self.alpha}")
+        if self.conv_rank is not None and self.conv_rank < 0:
+            problems.append(f"conv_rank must be >= 0, got {self.conv_rank}")
+        if self.conv_alpha is not None and self.conv_alpha <= 0:
+            problems.append(f"conv_alpha must be > 0, got {self.conv_alpha}")
+        if self.conv_alpha is not None and self.conv_rank == 0:
+            problems.append("conv_alpha is set but conv_rank is 0 (no conv adapters): give conv_rank too")
         if self.network_type not in NETWORK_TYPES:
             problems.append(f"network_type {self.network_type!r} is not one of {NETWORK_TYPES}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
@@ -170,6 +183,10 @@ class TrainingConfig:
         """
         rank = self.rank if self.rank is not None else rank_for_dataset(n_images)
         alpha = self.alpha if self.alpha is not None else rank / 2
+        conv_rank = self.conv_rank or 0
+        if self.conv_alpha is not None and not conv_rank:
+            raise ValueError("invalid TrainingConfig: conv_alpha is set but no conv_rank: give conv_rank too")
+        conv_alpha = (self.conv_alpha or conv_rank / 2) if conv_rank else None
         if self.max_train_steps is not None:
             steps = self.max_train_steps
         elif self.max_train_epochs is not None:
@@ -182,6 +199,8 @@ class TrainingConfig:
             self,
             rank=rank,
             alpha=alpha,
+            conv_rank=conv_rank,
+            conv_alpha=conv_alpha,
             max_train_steps=steps,
             max_train_epochs=None,  # now counted in steps
             save_every_n_steps=save_every,
@@ -194,6 +213,7 @@ class TrainingConfig:
         return None not in (
             self.rank,
             self.alpha,
+            self.conv_rank,
             self.max_train_steps,
             self.save_every_n_steps,
             self.unet_learning_rate,

@@ -50,6 +50,7 @@ def peft_to_kohya_state_dict(
     alpha: float | None = None,
     adapter_name: str = "default",
     dtype: torch.dtype = torch.float32,
+    conv_alpha: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """kohya / LyCORIS tensors for the peft adapters injected in `unet` and `text_encoder`.
 
@@ -58,8 +59,9 @@ def peft_to_kohya_state_dict(
     `lokr_w1_b`) and `lokr_w2` (or `lokr_w2_a` / `lokr_w2_b`); each module also gets its
     `alpha`. Loaders scale an update by alpha / rank, so each layer's alpha comes from its
     own peft scaling (alpha = scaling x rank), which is what its forward pass used. When
-    `alpha` is given, every layer must agree with it: a mismatch means the adapters were
-    built with another alpha than the one recorded in the metadata.
+    `alpha` is given, every layer must agree with it (3x3 convolutions with `conv_alpha`):
+    a mismatch means the adapters were built with another alpha than the one recorded in
+    the metadata.
     """
     tensors: dict[str, torch.Tensor] = {}
     parts = [(UNET_PREFIX, unet)]
@@ -72,8 +74,9 @@ def peft_to_kohya_state_dict(
             name = prefix + module_path.replace(".", "_")
             rank = layer.r[adapter_name]
             layer_alpha = layer.scaling[adapter_name] * rank
-            if alpha is not None and not _close(layer_alpha, alpha):
-                raise ValueError(f"{module_path}: adapter alpha {layer_alpha} differs from the expected {alpha}")
+            expected = conv_alpha if _is_3x3_conv(layer) else alpha
+            if expected is not None and not _close(layer_alpha, expected):
+                raise ValueError(f"{module_path}: adapter alpha {layer_alpha} differs from the expected {expected}")
             weights, file_alpha = _layer_tensors(module_path, layer, adapter_name, layer_alpha)
             for suffix, weight in weights.items():
                 tensors[f"{name}.{suffix}"] = _export(weight, dtype)
@@ -118,6 +121,11 @@ def _layer_tensors(module_path: str, layer, adapter_name: str, alpha: float) -> 
         weights["lokr_w2"] = weights["lokr_w2"] * layer.scaling[adapter_name]
         return weights, float(layer.r[adapter_name])
     raise TypeError(f"{module_path}: {type(layer).__name__} adapters have no kohya/LyCORIS form")
+
+
+def _is_3x3_conv(layer) -> bool:
+    base = layer.get_base_layer()
+    return isinstance(base, torch.nn.Conv2d) and base.kernel_size != (1, 1)
 
 
 def _adapter_layers(model: torch.nn.Module, adapter_name: str):
@@ -267,14 +275,18 @@ def kohya_metadata(
     return {key: str(value) for key, value in metadata.items()}
 
 
-def network_metadata(network_type: str, lokr_factor: int = -1) -> tuple[str, dict]:
-    """(`ss_network_module`, `ss_network_args`) for an adapter kind, as kohya/LyCORIS write them."""
+def network_metadata(
+    network_type: str, lokr_factor: int = -1, conv_rank: int = 0, conv_alpha: float | None = None
+) -> tuple[str, dict]:
+    """(`ss_network_module`, `ss_network_args`) for an adapter kind, as kohya/LyCORIS write
+    them (a conv rank as kohya's `conv_dim` / `conv_alpha` network args, in strings)."""
+    conv = {"conv_dim": str(conv_rank), "conv_alpha": str(_number(conv_alpha))} if conv_rank else {}
     if network_type == "lora":
-        return NETWORK_MODULES["lora"], {}
+        return NETWORK_MODULES["lora"], conv
     if network_type == "loha":
-        return NETWORK_MODULES["loha"], {"algo": "loha"}
+        return NETWORK_MODULES["loha"], {"algo": "loha", **conv}
     if network_type == "lokr":
-        return NETWORK_MODULES["lokr"], {"algo": "lokr", "factor": lokr_factor}
+        return NETWORK_MODULES["lokr"], {"algo": "lokr", "factor": lokr_factor, **conv}
     raise ValueError(f"unknown network type {network_type!r}")
 
 

@@ -132,6 +132,8 @@ class LoraTrainingModule(L.LightningModule):
             config.alpha,
             config.seed,
             config.lokr_factor,
+            config.conv_rank,
+            config.conv_alpha,
         )
         unet_ids = {id(parameter) for parameter in self.unet.parameters()}
         self.unet_lora_parameters = [p for p in lora_parameters if id(p) in unet_ids]
@@ -236,5 +238,6 @@ class LoraTrainingModule(L.LightningModule):
             self.unet,
             self.text_encoder if self.train_text_encoder else None,
             alpha=self.config.alpha,
+            conv_alpha=self.config.conv_alpha,
             dtype=dtype,
         )

@@ -192,7 +192,9 @@ def _train_on(
     log(
         f"{output_name}: training {config.network_type} for {config.max_train_steps} steps "
         f"({len(examples)} images, {len(dataset)} samples per epoch, batch {config.batch_size}, "
-        f"rank {config.rank}, alpha {config.alpha}, {config.optimizer}) on {device}, precision {precision}"
+        f"rank {config.rank}, alpha {config.alpha}"
+        + (f", conv rank {config.conv_rank}, conv alpha {config.conv_alpha}" if config.conv_rank else "")
+        + f", {config.optimizer}) on {device}, precision {precision}"
     )
     with quiet_lightning_warnings():
         try:
@@ -406,7 +408,9 @@ def _metadata_factory(
     for example in examples:
         key = f"{example.bucket[0]}x{example.bucket[1]}"
         buckets[key] = buckets.get(key, 0) + example.repeats
-    network_module, network_args = network_metadata(config.network_type, config.lokr_factor)
+    network_module, network_args = network_metadata(
+        config.network_type, config.lokr_factor, config.conv_rank, config.conv_alpha
+    )
     shared = dict(
         output_name=output_name,
         trigger_word=trigger_word,

@@ -32,9 +32,10 @@ DEMO_SERIES = "starlight_tv"
 # Training and previews on the demo base model (see DemoBaseModel).
 # Measured on Kaede's crops: 4e-3 / 2e-3 moved previews furthest toward her within 300
 # steps (1e-3 barely moved them, 1e-2 broke them; 1,200 steps added nothing). The small
-# base model draws colour in its ResNet convolutions: adapting the attention blocks
-# alone left her previews at fidelity 0.2, adding the convolutions (kohya's conv_dim)
-# reached 0.6.
+# base model draws colour in its ResNet convolutions: on her whole-figure crops, adapting
+# the attention blocks alone left her previews at fidelity 0.1-0.2, adding the
+# convolutions (kohya's conv_dim) reached 0.3-0.6; on the demo's own bucketed dataset
+# 0.1 against 0.0.
 DEMO_TRAIN_STEPS = 300
 DEMO_SAVE_EVERY = 75
 DEMO_UNET_LEARNING_RATE = 4e-3

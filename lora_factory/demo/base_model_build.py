@@ -43,9 +43,10 @@ layout, only smaller; the factory loads it like any SD1.5 model
 
 Rebuild: `python -m lora_factory.demo.base_model_build --out DIR` (FULL_BUILD's step counts;
 `--tiny` for a seconds-long smoke build; `--resume-from DIR` runs only stage 4 on a
-model built up to stage 3, with the same result as a build from scratch). Every phase runs on one CPU thread from fixed
-seeds, so a rebuild on the same torch version and CPU kind gives byte-identical weights
-(checked by building twice and comparing the weight files' sha256); another torch
+model built up to stage 3, with the same result as a build from scratch). Every phase
+runs on one CPU thread from fixed seeds, so a rebuild on the same torch version and CPU
+kind gives byte-identical weights (checked by building twice and comparing the weight
+files' sha256); another torch
 version or CPU instruction set may change float rounding and so the weights, but not
 what the model has learnt. `--measure DIR` re-runs the measurements
 (`measure_autoencoder`, `measure_colour_following`) and writes sample grids.
@@ -421,7 +422,7 @@ def encode_latents(vae, pixels: torch.Tensor, batch: int = 32) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DiffusionPhase:
-    """One text-to-image training phase of the build: how long, how fast, what it weighs."""
+    """One text-to-image training phase of the build: how long, how fast, which losses."""
 
     name: str
     steps: int
@@ -429,21 +430,20 @@ class DiffusionPhase:
     lr: float
     warmup: int
     ema_decay: float
-    region_weights: bool  # weigh the loss by `region_loss_weights`
     tag_naming_weight: float  # 0: no tag-naming loss on the text encoder
 
 
 def stage3_phase(steps: BuildSteps) -> DiffusionPhase:
     """Stage 3: UNet and text encoder from scratch, a plain loss."""
     return DiffusionPhase("unet", steps.unet_steps, steps.unet_batch, steps.unet_lr, steps.unet_warmup,
-                          steps.ema_decay, region_weights=False, tag_naming_weight=0.0)  # fmt: skip
+                          steps.ema_decay, tag_naming_weight=0.0)  # fmt: skip
 
 
 def stage4_phase(steps: BuildSteps) -> DiffusionPhase:
-    """Stage 4: stage 3's models refined on fresh figures, eyes and features weighed up,
-    the text encoder naming tags."""
+    """Stage 4: stage 3's models refined on fresh figures, the text encoder naming tags
+    (`_stage_4` also weighs the loss up on eyes and features)."""
     return DiffusionPhase("refine", steps.refine_steps, steps.refine_batch, steps.refine_lr, steps.refine_warmup,
-                          steps.ema_decay, region_weights=True, tag_naming_weight=steps.tag_naming_weight)  # fmt: skip
+                          steps.ema_decay, tag_naming_weight=steps.tag_naming_weight)  # fmt: skip
 
 
 def region_loss_weights(pixels: torch.Tensor, tags: Sequence[Sequence[str]], chunk: int = 256) -> torch.Tensor:
@@ -700,8 +700,7 @@ def load_stage3(folder: Path, steps: BuildSteps, seed: int, vocab: dict[str, int
         raise FileNotFoundError(f"{folder} has no {BUILD_MARKER}: not a demo base model build")
     marker = json.loads(marker_path.read_text())
     stages = marker.get("stages", ["vae", "decoder", "unet"])  # recipe 2 ended with stage 3
-    earlier = {k: v for k, v in asdict(steps).items() if not k.startswith(("refine_", "tag_naming"))}
-    theirs = {k: v for k, v in marker["steps"].items() if not k.startswith(("refine_", "tag_naming"))}
+    earlier, theirs = _stage_1_to_3_steps(asdict(steps)), _stage_1_to_3_steps(marker["steps"])
     problems = []
     if stages != ["vae", "decoder", "unet"]:
         problems.append(f"it holds stages {stages}, not exactly stages 1-3")
@@ -785,6 +784,11 @@ def measure_autoencoder(pipeline_dir: Path, count: int = 64, seed: int = HELDOUT
             for part, values in region_errors.items()
         },
     }
+
+
+def _stage_1_to_3_steps(steps: dict) -> dict:
+    """The step settings that stages 1-3 use (stage 4's are the `refine_*` and tag-naming ones)."""
+    return {key: value for key, value in steps.items() if not key.startswith(("refine_", "tag_naming"))}
 
 
 def _face_of(nearest: torch.Tensor) -> torch.Tensor:

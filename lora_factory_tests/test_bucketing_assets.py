@@ -54,8 +54,8 @@ def store_crops(home) -> None:
     StampBook(store).write("cleaned_crops", CHARACTER, "test", "crops-v1", {}, record_files(store.root, [table]))
 
 
-def materialize(instance, home, caption_config=None):
-    run_config = {"ops": {"buckets": {"config": {"resolution": 128, "batch_size": 2}}}}
+def materialize(instance, home, caption_config=None, bucket_config=None):
+    run_config = {"ops": {"buckets": {"config": {"resolution": 128, "batch_size": 2, **(bucket_config or {})}}}}
     if caption_config:
         run_config["ops"]["captions"] = {"config": caption_config}
     result = dg.materialize(
@@ -154,3 +154,16 @@ def test_unchanged_inputs_are_reused_and_a_new_style_rebuilds(runs):
     clusters = [r.data for r in static["captions"]["outfit_clusters"].records]
     assert clusters[0]["folded_tags"] == clusters[0]["tags"] and clusters[0]["trigger"] == ""
     assert clusters[1]["trigger"] == clusters[1]["tags"].replace(", ", "_")
+
+
+def test_buckets_take_kohyas_step_unless_the_model_sets_its_own_and_refuse_a_step_it_cannot_take(runs, tmp_path):
+    _, first, _, _ = runs
+    assert first["buckets"]["bucket_settings"]["bucket_reso_steps"] == 64  # the tiny model sets no step
+    # Its sides must be multiples of 16 (VAE x8, one UNet downsample): 24 px steps would
+    # break training much later; they are refused before anything is written.
+    store_crops(tmp_path)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("characters", [CHARACTER])
+        with pytest.raises(dg.Failure, match="bucket step 24 px does not fit the base model.*multiples of 16 px"):
+            materialize(instance, tmp_path, bucket_config={"step": 24, "min_size": 48, "max_size": 240})
+    assert not (tmp_path / "artefacts/buckets" / CHARACTER / "meta.json").exists()

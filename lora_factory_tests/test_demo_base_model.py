@@ -21,6 +21,7 @@ from lora_factory.demo.base_model_build import (
     measure_autoencoder,
     nearest_world_colours,
     caption_of,
+    population_by_shape,
     region_loss_weights,
     tag_ends,
     tag_index,
@@ -32,6 +33,7 @@ from lora_factory.demo.base_model_build import (
 from lora_factory.demo.characters import DEMO_CHARACTERS
 from lora_factory.demo.palette import BACKGROUNDS, EYE_COLOURS, GARMENT_COLOURS, HAIR_COLOURS
 from lora_factory.demo.world_population import (
+    FACTORY_BUCKETS,
     FRAMINGS,
     RESERVED_IDENTITIES,
     generate_population,
@@ -84,6 +86,24 @@ def test_population_covers_the_world(population):
     assert Counter(f.character.hair_length for f in population).keys() == {"long", "short"}
     assert any("horns" in f.tags for f in population)
     assert any("horns" not in f.tags for f in population)
+
+
+def test_stage_5_figures_have_the_shapes_of_the_factorys_training_pictures():
+    by_shape = population_by_shape(5, 40)
+    assert sum(len(tags) for _, tags in by_shape.values()) == 40
+    assert set(by_shape) <= set(FACTORY_BUCKETS.resolutions) and len(by_shape) >= 3
+    for (width, height), (pixels, tags) in by_shape.items():
+        assert pixels.shape == (len(tags), 3, height, width) and pixels.dtype == torch.uint8
+    # Every other figure is the square picture of the earlier stages.
+    assert len(by_shape[(IMAGE_SIZE, IMAGE_SIZE)][1]) >= 20
+    for index in range(1, 40, 2):
+        square, cut = population_figure(5, index), population_figure(5, index, buckets=FACTORY_BUCKETS)
+        assert cut.tags == square.tags and cut.character == square.character
+        assert cut.image.size == FACTORY_BUCKETS.select(*cut.image.size).bucket  # already its bucket's size
+        colours = {tuple(pixel) for pixel in np.array(cut.image).reshape(-1, 3).tolist()}
+        assert HAIR_COLOURS[cut.character.hair] in colours  # cut around the figure, not beside it
+        if cut.framing == "full_body":
+            assert cut.image.height >= 2 * cut.image.width  # a standing figure, whole
 
 
 def test_captions_are_booru_tags_that_describe_the_picture(population):
@@ -236,23 +256,31 @@ def test_build_is_reproducible_and_refuses_existing_folders(tiny_build, tmp_path
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging left
 
 
-def test_a_build_resumed_after_stage_3_gives_the_same_bytes(tiny_build, tmp_path):
+def test_a_build_resumed_after_stage_3_or_4_gives_the_same_bytes(tiny_build, tmp_path):
     quiet = lambda _: None  # noqa: E731
+    all_stages = ["vae", "decoder", "unet", "refine", "shapes"]
+    assert json.loads((tiny_build / BUILD_MARKER).read_text())["stages"] == all_stages
     stage3 = build_demo_base_model(tmp_path / "stage3", replace(TINY_BUILD, refine_steps=0), log=quiet)
-    assert json.loads((stage3 / BUILD_MARKER).read_text())["stages"] == ["vae", "decoder", "unet"]
-    resumed = build_demo_base_model(tmp_path / "resumed", TINY_BUILD, log=quiet, resume_from=stage3)
-    assert json.loads((resumed / BUILD_MARKER).read_text())["stages"] == ["vae", "decoder", "unet", "refine"]
-    for name in (*WEIGHT_FILES, "unet/config.json", "vae/config.json", "text_encoder/config.json"):
-        digest = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for folder in (tiny_build, resumed)]
-        assert digest[0] == digest[1], name
-    # Stage 4 changed the diffusion models, not the autoencoder.
-    changed = {name for name in WEIGHT_FILES if (stage3 / name).read_bytes() != (tiny_build / name).read_bytes()}
-    assert changed == {WEIGHT_FILES[0], WEIGHT_FILES[2]}
-    # A model that is not a stage-3 build of this recipe is refused, with the reason.
-    with pytest.raises(ValueError, match="not exactly stages 1-3"):
-        build_demo_base_model(tmp_path / "twice", TINY_BUILD, log=quiet, resume_from=resumed)
+    stage4 = build_demo_base_model(tmp_path / "stage4", replace(TINY_BUILD, shapes_steps=0), log=quiet)
+    assert json.loads((stage3 / BUILD_MARKER).read_text())["stages"] == all_stages[:3]
+    assert json.loads((stage4 / BUILD_MARKER).read_text())["stages"] == all_stages[:4]
+    for earlier in (stage3, stage4):
+        resumed = build_demo_base_model(tmp_path / f"from_{earlier.name}", TINY_BUILD, log=quiet, resume_from=earlier)
+        assert json.loads((resumed / BUILD_MARKER).read_text())["stages"] == all_stages
+        for name in (*WEIGHT_FILES, "unet/config.json", "vae/config.json", "text_encoder/config.json"):
+            digest = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for folder in (tiny_build, resumed)]
+            assert digest[0] == digest[1], (earlier.name, name)
+    # Stages 4 and 5 change the diffusion models, not the autoencoder.
+    for earlier in (stage3, stage4):
+        changed = {name for name in WEIGHT_FILES if (earlier / name).read_bytes() != (tiny_build / name).read_bytes()}
+        assert changed == {WEIGHT_FILES[0], WEIGHT_FILES[2]}, earlier.name
+    # A model that is not an earlier stage of this recipe's build is refused, with the reason.
+    with pytest.raises(ValueError, match="not stages 1-3 or 1-4"):
+        build_demo_base_model(tmp_path / "twice", TINY_BUILD, log=quiet, resume_from=tiny_build)
     with pytest.raises(ValueError, match="seed 0, not 1"):
         build_demo_base_model(tmp_path / "seed", TINY_BUILD, seed=1, log=quiet, resume_from=stage3)
+    with pytest.raises(ValueError, match="its stage 'refine' ran"):
+        build_demo_base_model(tmp_path / "steps", replace(TINY_BUILD, refine_steps=4), log=quiet, resume_from=stage4)
     with pytest.raises(FileNotFoundError, match="not a demo base model build"):
         build_demo_base_model(tmp_path / "none", TINY_BUILD, log=quiet, resume_from=tmp_path)
 

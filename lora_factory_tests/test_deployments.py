@@ -140,10 +140,19 @@ def test_only_the_demo_base_models_set_training_and_preview_defaults():
 
 def test_the_demo_base_model_is_the_shipped_one(tmp_path, monkeypatch):
     from lora_factory.demo import deployment
-    from lora_factory.training.base_model import load_base_model, native_resolution
+    from lora_factory.bucketing.buckets import KohyaBuckets
+    from lora_factory.demo.world_population import FACTORY_BUCKETS
+    from lora_factory.training.base_model import load_base_model, native_resolution, side_multiple
 
     path = DemoBaseModel().resolve(FactoryStore(tmp_path))
     assert path == DEMO_BASE_MODEL_DIR and native_resolution(path) == 128
+    # Its UNet halves the latents twice: buckets go in steps of 32 px, and the buckets the
+    # factory makes for it are the shapes its build's last stage trained on.
+    assert side_multiple(path) == DemoBaseModel.defaults.bucket_step == 32
+    assert KohyaBuckets.around(native_resolution(path), DemoBaseModel.defaults.bucket_step).settings() == (
+        FACTORY_BUCKETS.settings()
+    )
+    assert BaseModelResource.defaults.bucket_step is None  # a real model: kohya's 64
     assert type(load_base_model(path, device="cpu").unet).__name__ == "UNet2DConditionModel"
     with pytest.raises(ValueError, match="LF_DEPLOYMENT=production"):
         DemoBaseModel(source="/models/real").resolve(FactoryStore(tmp_path))

@@ -116,7 +116,7 @@ def test_images_are_resized_to_their_bucket_defensively(tmp_path):
 
 
 def test_bad_examples_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="multiples of 64"):
+    with pytest.raises(ValueError, match="multiples of 8"):
         TrainingExample(tmp_path / "a.png", "x", (100, 64))
     with pytest.raises(FileNotFoundError, match="missing"):
         CaptionedLatentDataset([TrainingExample(tmp_path / "gone.png", "x", (64, 64))])

@@ -202,6 +202,19 @@ def test_changed_inputs_replace_the_previous_run(tiny_sd, examples, tmp_path):
     assert all(c.path.read_bytes() != first[c.path.name] for c in checkpoints)
 
 
+def test_buckets_the_base_model_cannot_take_are_refused_before_the_previous_run_is_touched(
+    tiny_sd, examples, tmp_path
+):
+    _train(tiny_sd, examples, tmp_path, lambda message: None)
+    before = {path.name: path.read_bytes() for path in tmp_path.glob("*") if path.is_file()}
+    # The tiny UNet halves its latents once: picture sides must be multiples of 8 x 2 = 16 px.
+    odd = [*examples[:-1], TrainingExample(examples[-1].image_path, examples[-1].caption, (72, 64))]
+    with pytest.raises(ValueError, match=r"1 training picture\(s\) have buckets the base model cannot take"
+                       r" \(its sides must be multiples of 16 px\)"):  # fmt: skip
+        _train(tiny_sd, odd, tmp_path, lambda message: None)
+    assert {path.name: path.read_bytes() for path in tmp_path.glob("*") if path.is_file()} == before
+
+
 def test_latent_disk_cache_skips_the_vae_on_the_next_run(tiny_sd, examples, tmp_path):
     from lora_factory.training.base_model import load_base_model
     from lora_factory.training.dataset import CaptionedLatentDataset

@@ -54,6 +54,7 @@ from lora_factory.storage import (
 )
 
 CAPTIONS_CODE_VERSION = "3"
+DEFAULT_BUCKET_STEP = 64  # kohya's --bucket_reso_steps
 BUCKETS_CODE_VERSION = "3"
 
 
@@ -127,14 +128,16 @@ CaptionSettings = settings_for(
 class BucketSettings(dg.Config):
     """Aspect-ratio buckets (kohya's algorithm, both modes) and repeats. 0 means derived
     from the base model: resolution = its native size (512 for SD1.5), min/max =
-    resolution / 2 and x 2 (256 / 1024 at 512, never below one step). Steps of 64 px:
-    SD1.5's VAE (x8) and UNet (x8) need sides divisible by 64. `batch_size` is the one
-    steps per epoch are reported for (and written into the kohya dataset config)."""
+    resolution / 2 and x 2 (256 / 1024 at 512, never below one step), step = kohya's
+    64 px (SD1.5's VAE (x8) and UNet (x8) need sides divisible by 64) unless the
+    deployment's base model sets its own; a step the model cannot take is refused.
+    `batch_size` is the one steps per epoch are reported for (and written into the
+    kohya dataset config)."""
 
     resolution: int = 0
     min_size: int = 0
     max_size: int = 0
-    step: int = 64
+    step: int = 0
     no_upscale: bool = False
     max_repeats: int = 20
     head_weight: float = DEFAULT_KIND_WEIGHTS["head"]
@@ -311,7 +314,11 @@ def buckets(
         BucketsFiles,
         config,
         reads=(CaptionsFiles, CleanedCropsFiles),
-        extra={"base": base_model.source, "vision": vision_models.names()},
+        extra={
+            "base": base_model.source,
+            "bucket_step": base_model.defaults.bucket_step,
+            "vision": vision_models.names(),
+        },
     )
     artefacts = stage.files.folder
     table_path = stage.files.table_path()
@@ -324,16 +331,17 @@ def buckets(
     if stage.needs_build():
         captioned = stage.read(CaptionsFiles)
         crops = stage.read(CleanedCropsFiles)
-        from lora_factory.training.base_model import native_resolution
+        from lora_factory.training.base_model import native_resolution, side_multiple
 
-        resolution = config.resolution or native_resolution(base_model.resolve(stage.store))
-        bucketing = KohyaBuckets(
-            resolution,
-            min_size=config.min_size or max(config.step, resolution // 2),
-            max_size=config.max_size or resolution * 2,
-            step=config.step,
-            no_upscale=config.no_upscale,
-        )
+        model = base_model.resolve(stage.store)
+        resolution = config.resolution or native_resolution(model)
+        step = config.step or base_model.defaults.bucket_step or DEFAULT_BUCKET_STEP
+        if step % side_multiple(model):
+            raise ValueError(
+                f"bucket step {step} px does not fit the base model, whose picture sides must be "
+                f"multiples of {side_multiple(model)} px: set the buckets config's step to a multiple of it"
+            )
+        bucketing = KohyaBuckets.around(resolution, step, config.min_size, config.max_size, config.no_upscale)
         table = captioned.table()
         plan = assign_repeats(
             table,

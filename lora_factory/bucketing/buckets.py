@@ -194,6 +194,18 @@ class KohyaBuckets:
             [] if no_upscale else make_bucket_resolutions(self.resolution, self.min_size, self.max_size, step)
         )
 
+    @classmethod
+    def around(cls, resolution: int, step: int, min_size: int = 0, max_size: int = 0, no_upscale: bool = False):
+        """Buckets for square `resolution` with the factory's defaults for what is 0:
+        sides from resolution / 2 (never below one step) to resolution x 2."""
+        return cls(
+            resolution,
+            min_size=min_size or max(step, resolution // 2),
+            max_size=max_size or resolution * 2,
+            step=step,
+            no_upscale=no_upscale,
+        )
+
     def select(self, width: int, height: int) -> BucketChoice:
         bucket, resized, error = select_bucket(
             width, height, self.resolutions, self.no_upscale, self.max_area, self.step

@@ -7,20 +7,27 @@ of figures, `lora_factory.demo.world_population`, never the index's characters),
 draws figures in the world's flat colours and follows their tags (`red hair`, `horns`,
 `navy jacket`, `upper body`). A LoRA trained on it then has a real character to learn.
 
-The package ships FULL_BUILD's model (`lora_factory/demo/base_model/`, 11 MB, about 130
+The package ships FULL_BUILD's model (`lora_factory/demo/base_model/`, 11 MB, about 150
 CPU-minutes to build on one thread). Its autoencoder is faithful (held-out figures: hair
 colour survives a round trip in 64/64, eye colour in 38/44, mean error 4/255), it draws
-figures in the world's framings and follows hair and top colour words (27/36 and 19/24
-against chances of 6/36 and 6/24; `measure_colour_following`); eye colours follow in
-sample grids but only 9/30 by that count (chance 6/30).
+figures in the world's framings, in squares and in the factory's tall bucket shapes, and
+follows hair, top and eye colour words (24/36, 23/24 and 16/30 against chances of 6/36,
+6/24 and 6/30; `measure_colour_following`).
 
 Stages: 1. the autoencoder on crops; 2. its decoder alone on whole pictures; 3. UNet and
 text encoder together from scratch, 6,000 steps; 4. both refined for 6,000 more steps on
 12,000 fresh figures, with the loss weighed up on eyes and features
 (`REGION_LOSS_WEIGHTS`) and the text encoder also asked to name every tag from its last
-token (`TAG_NAMING_WEIGHT`). Stage 4 is what made colour words work: on the same stage-3
-model, 6,000 more plain steps reached hair 16/36 and tops 20/24, the same steps with tag
-naming hair 27/36 and tops 19/24.
+token (`TAG_NAMING_WEIGHT`); 5. both trained 2,000 more steps on 8,000 fresh figures,
+half of them square and half cut and bucketed as the factory cuts and buckets its
+training pictures (`FACTORY_BUCKETS`: 64x192, 96x160, 128x128, ...), with stage 4's
+losses. Stage 4 is what made colour words work: on the same stage-3 model, 6,000 more
+plain steps reached hair 16/36 and tops 20/24, the same steps with tag naming hair 27/36
+and tops 19/24. Stage 5 is what makes the factory's LoRAs work: a model that only saw
+squares draws broken figures at 64x192 or 96x160, so LoRAs trained on those buckets
+learnt from broken pictures (the best fidelity of the demo's four LoRAs on the same
+buckets: 0.09 / 0.20 / 0.27 / 0.10 on the stage-4 model, 0.18 / 0.20 / 0.55 / 0.10 after
+stage 5).
 
 It is a diffusers `StableDiffusionPipeline` folder with SD1.5's component classes and
 layout, only smaller; the factory loads it like any SD1.5 model
@@ -42,8 +49,8 @@ layout, only smaller; the factory loads it like any SD1.5 model
   their negative prompt) so that classifier-free guidance (3-5 suits it) works.
 
 Rebuild: `python -m lora_factory.demo.base_model_build --out DIR` (FULL_BUILD's step counts;
-`--tiny` for a seconds-long smoke build; `--resume-from DIR` runs only stage 4 on a
-model built up to stage 3, with the same result as a build from scratch). Every phase
+`--tiny` for a seconds-long smoke build; `--resume-from DIR` runs only the stages after
+those of a model built up to stage 3 or 4, with the same result as a build from scratch). Every phase
 runs on one CPU thread from fixed seeds, so a rebuild on the same torch version and CPU
 kind gives byte-identical weights (checked by building twice and comparing the weight
 files' sha256); another torch
@@ -82,9 +89,11 @@ from lora_factory.demo.palette import (
     SKIN,
 )
 from lora_factory.demo.world_population import (
+    FACTORY_BUCKETS,
     FRAMINGS,
     caption_text,
     generate_population,
+    population_figure,
 )
 from lora_factory.evaluation import prompts as preview_prompt_sets
 from lora_factory.training.base_model import encode_token_ids, tokenize_captions
@@ -98,7 +107,7 @@ from lora_factory.training.tiny_sd import (
     write_byte_level_bpe,
 )
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 BUILD_MARKER = "demo_base_model.json"
 IMAGE_SIZE = 128
 LATENT_SIZE = IMAGE_SIZE // 8
@@ -106,6 +115,10 @@ CLIP_SKIP = 2  # the factory's default: the model is trained the way LoRAs will 
 TRAIN_POPULATION_SEED = 0
 HELDOUT_POPULATION_SEED = 1  # a different population: never seen in training
 REFINE_POPULATION_SEED = 2  # stage 4's figures: none of them seen by the earlier stages
+SHAPES_POPULATION_SEED = 3  # stage 5's figures
+# Every stage a build runs, in order; a build may stop after "unet" or "refine" (a
+# recipe-2 or recipe-3 model) and be resumed from there.
+STAGES = ("vae", "decoder", "unet", "refine", "shapes")
 
 VAE_CHANNELS = (16, 32, 64, 64)
 VAE_CROP = 64
@@ -156,6 +169,11 @@ class BuildSteps:
     refine_lr: float = 3e-4
     refine_warmup: int = 100
     tag_naming_weight: float = TAG_NAMING_WEIGHT
+    shapes_images: int = 0
+    shapes_steps: int = 0
+    shapes_batch: int = 16
+    shapes_lr: float = 2e-4
+    shapes_warmup: int = 100
     ema_decay: float = 0.999
 
 
@@ -170,6 +188,9 @@ FULL_BUILD = BuildSteps(
     refine_images=12000,
     refine_steps=6000,
     refine_batch=16,
+    shapes_images=8000,
+    shapes_steps=2000,
+    shapes_batch=16,
 )
 TINY_BUILD = BuildSteps(
     train_images=24,
@@ -184,6 +205,10 @@ TINY_BUILD = BuildSteps(
     refine_steps=3,
     refine_batch=4,
     refine_warmup=1,
+    shapes_images=24,
+    shapes_steps=3,
+    shapes_batch=4,
+    shapes_warmup=1,
 )
 
 
@@ -268,9 +293,26 @@ def population_tensor(seed: int, count: int) -> tuple[torch.Tensor, list[tuple[s
     pixels = torch.empty(count, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     tags = []
     for index, figure in enumerate(generate_population(seed, count, IMAGE_SIZE)):
-        pixels[index] = torch.from_numpy(np.array(figure.image)).permute(2, 0, 1)
+        pixels[index] = _pixels(figure.image)
         tags.append(figure.tags)
     return pixels, tags
+
+
+def population_by_shape(seed: int, count: int) -> dict[tuple[int, int], tuple[torch.Tensor, list[tuple[str, ...]]]]:
+    """`count` population figures, every other one square (as stages 1-4 draw them) and
+    the rest cut and bucketed the way the factory makes its training sets
+    (`FACTORY_BUCKETS`), grouped by (width, height) in size order: uint8 pixels and tags."""
+    by_shape: dict[tuple[int, int], tuple[list[torch.Tensor], list[tuple[str, ...]]]] = {}
+    for index in range(count):
+        figure = population_figure(seed, index, IMAGE_SIZE, buckets=None if index % 2 == 0 else FACTORY_BUCKETS)
+        pixels, tags = by_shape.setdefault(figure.image.size, ([], []))
+        pixels.append(_pixels(figure.image))
+        tags.append(figure.tags)
+    return {shape: (torch.stack(pixels), tags) for shape, (pixels, tags) in sorted(by_shape.items())}
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -446,6 +488,13 @@ def stage4_phase(steps: BuildSteps) -> DiffusionPhase:
                           steps.ema_decay, tag_naming_weight=steps.tag_naming_weight)  # fmt: skip
 
 
+def stage5_phase(steps: BuildSteps) -> DiffusionPhase:
+    """Stage 5: stage 4's models on fresh figures of the factory's bucket shapes, with
+    stage 4's losses."""
+    return DiffusionPhase("shapes", steps.shapes_steps, steps.shapes_batch, steps.shapes_lr, steps.shapes_warmup,
+                          steps.ema_decay, tag_naming_weight=steps.tag_naming_weight)  # fmt: skip
+
+
 def region_loss_weights(pixels: torch.Tensor, tags: Sequence[Sequence[str]], chunk: int = 256) -> torch.Tensor:
     """[N, 1, H/8, W/8] loss weights on the latent grid, mean 1 per picture: 1 everywhere,
     plus `REGION_LOSS_WEIGHTS[part]` on every latent pixel that covers some of the
@@ -454,7 +503,7 @@ def region_loss_weights(pixels: torch.Tensor, tags: Sequence[Sequence[str]], chu
     weights = []
     for first in range(0, len(pixels), chunk):
         images = pixels[first : first + chunk].float()
-        extra = torch.zeros(len(images), 1, IMAGE_SIZE, IMAGE_SIZE)
+        extra = torch.zeros(len(images), 1, *images.shape[-2:])
         for row, figure_tags in enumerate(tags[first : first + chunk]):
             for part, weight in REGION_LOSS_WEIGHTS.items():
                 for tag in figure_tags:
@@ -490,15 +539,23 @@ def tag_ends(token_ids: torch.Tensor, caption_tags: Sequence[list[str] | None], 
     return torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long), torch.tensor(labels)
 
 
+@dataclass(frozen=True)
+class LatentGroup:
+    """Training pictures of one size: scaled latents [N, 4, h, w], their tags, and
+    optionally loss weights [N, 1, h, w] (see `region_loss_weights`)."""
+
+    latents: torch.Tensor
+    tags: list[tuple[str, ...]]
+    loss_weights: torch.Tensor | None = None
+
+
 def train_text_to_image(
     make_models: Callable[[], tuple[torch.nn.Module, torch.nn.Module]],
-    latents: torch.Tensor,
-    tags: list[tuple[str, ...]],
+    groups: Sequence[LatentGroup],
     tokenizer,
     phase: DiffusionPhase,
     seed: int,
     log: Log,
-    loss_weights: torch.Tensor | None = None,
     snapshot: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
     snapshot_every: int = 1000,
 ):
@@ -506,10 +563,11 @@ def train_text_to_image(
 
     `make_models()` gives the (UNet, text encoder) to train; it is called after seeding,
     so that new models' initialisation belongs to the phase's random stream. Epsilon
-    prediction on SD1.5's schedule with Min-SNR weighting; `loss_weights` ([N, 1, h, w],
-    see `region_loss_weights`) weigh each picture's latent pixels. Returns the
-    exponential moving averages of both models (what sampling should use). `snapshot(step, unet, text_encoder)` is handed those averages
-    every `snapshot_every` steps, so that a long build can be looked at before it ends.
+    prediction on SD1.5's schedule with Min-SNR weighting. Each batch comes from one
+    group (pictures of one size), chosen in proportion to the groups' sizes. Returns the
+    exponential moving averages of both models (what sampling should use).
+    `snapshot(step, unet, text_encoder)` is handed those averages every `snapshot_every`
+    steps, so that a long build can be looked at before it ends.
     """
     import copy
 
@@ -521,7 +579,7 @@ def train_text_to_image(
     models = torch.nn.ModuleList([unet, text_encoder]).train().requires_grad_(True)
     averaged = copy.deepcopy(models).requires_grad_(False)
     trained = list(models.parameters())
-    classes = tag_index(tags)
+    classes = tag_index(tags for group in groups for tags in group.tags)
     naming_head = None
     if phase.tag_naming_weight > 0:
         naming_head = torch.nn.Linear(TEXT_WIDTH, len(classes))
@@ -533,18 +591,20 @@ def train_text_to_image(
     for step in range(phase.steps):
         for group in optimizer.param_groups:
             group["lr"] = phase.lr * _cosine_lr(step, phase.steps, phase.warmup)
-        picks = [rng.randrange(len(latents)) for _ in range(phase.batch)]
-        caption_tags = [training_caption_tags(tags[i], rng) for i in picks]
+        # One group: no draw, so single-size phases keep the random stream they always had.
+        group = groups[0] if len(groups) == 1 else rng.choices(groups, weights=[len(g.tags) for g in groups])[0]
+        picks = [rng.randrange(len(group.tags)) for _ in range(phase.batch)]
+        caption_tags = [training_caption_tags(group.tags[i], rng) for i in picks]
         token_ids = tokenize_captions(tokenizer, [caption_of(kept) for kept in caption_tags])
-        clean = latents[picks]
+        clean = group.latents[picks]
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(picks),))
         noisy = schedule.add_noise(clean, noise, timesteps)
         hidden = encode_token_ids(text_encoder, token_ids, CLIP_SKIP)
         predicted = unet(noisy, timesteps, hidden).sample
         squared_error = (predicted - noise).pow(2)
-        if loss_weights is not None:
-            squared_error = squared_error * loss_weights[picks]
+        if group.loss_weights is not None:
+            squared_error = squared_error * group.loss_weights[picks]
         # Min-SNR-gamma weighting for epsilon prediction: min(SNR, gamma) / SNR.
         snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
         weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
@@ -603,9 +663,9 @@ def build_demo_base_model(
     One CPU thread, fixed seeds (see the module docstring on reproducibility). The
     folder appears atomically: it is built next to `out` and renamed. With `snapshots`,
     the diffusion stages' intermediate models are saved there too (`unet_001000`, ...).
-    `resume_from` is a model built by the same recipe up to stage 3 (stage 4 not run,
-    or a recipe-2 model): stages 1-3 are taken from it and only stage 4 runs, which gives
-    the same bytes as a build from scratch.
+    `resume_from` is a model built by the same recipe and seed that stopped after stage
+    3 or 4 (a recipe-2 or recipe-3 model): its stages are taken as they are and only the
+    later ones run, which gives the same bytes as a build from scratch.
     """
     from transformers import CLIPTokenizer
 
@@ -627,14 +687,19 @@ def build_demo_base_model(
 
         with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
             if resume_from is not None:
-                vae, unet, text_encoder = load_stage3(Path(resume_from), steps, seed, vocab)
-                log(f"stages 1-3 from {resume_from}")
+                vae, unet, text_encoder, stages = load_built_stages(Path(resume_from), steps, seed, vocab)
+                log(f"stages {', '.join(stages)} from {resume_from}")
             else:
                 vae, unet, text_encoder = _stages_1_to_3(steps, seed, tokenizer, vocab, log, save, snapshots)
-            stages = ["vae", "decoder", "unet"]
-            if steps.refine_steps:
-                unet, text_encoder = _stage_4(vae, unet, text_encoder, steps, seed, tokenizer, log, save, snapshots)
-                stages.append("refine")
+                stages = ["vae", "decoder", "unet"]
+            later = {"refine": (steps.refine_steps, _stage_4), "shapes": (steps.shapes_steps, _stage_5)}
+            for stage in STAGES[len(stages) :]:
+                stage_steps, run_stage = later[stage]
+                if not stage_steps:
+                    break  # a build that stops here (the tests' short builds may)
+                snapshot = _snapshot_saver(save, snapshots, vae, stage, [*stages, stage], log)
+                unet, text_encoder = run_stage(vae, unet, text_encoder, steps, seed, tokenizer, log, snapshot)
+                stages.append(stage)
         build_dir = staging / "pipeline"
         save(build_dir, vae, unet, text_encoder, stages)
         build_dir.replace(out)
@@ -669,29 +734,48 @@ def _stages_1_to_3(steps: BuildSteps, seed: int, tokenizer, vocab: dict[str, int
     vae.register_to_config(scaling_factor=scaling_factor)
     log(f"vae scaling factor {scaling_factor}")
     unet, text_encoder = train_text_to_image(
-        lambda: (new_unet(), new_text_encoder(vocab)), latents * scaling_factor, tags, tokenizer,
+        lambda: (new_unet(), new_text_encoder(vocab)), [LatentGroup(latents * scaling_factor, tags)], tokenizer,
         stage3_phase(steps), seed + 2, log,
         snapshot=_snapshot_saver(save, snapshots, vae, "unet", ["vae", "decoder", "unet"], log),
     )  # fmt: skip
     return vae, unet, text_encoder
 
 
-def _stage_4(vae, unet, text_encoder, steps: BuildSteps, seed: int, tokenizer, log: Log, save, snapshots):
+def _weighted_group(vae, pixels: torch.Tensor, tags: list[tuple[str, ...]]) -> LatentGroup:
+    """Pictures as a training group with eye/feature-weighted loss (`region_loss_weights`)."""
+    return LatentGroup(encode_latents(vae, pixels) * vae.config.scaling_factor, tags, region_loss_weights(pixels, tags))
+
+
+def _stage_4(vae, unet, text_encoder, steps: BuildSteps, seed: int, tokenizer, log: Log, snapshot):
     """Stage 3's models refined on fresh figures (`stage4_phase`)."""
     pixels, tags = population_tensor(REFINE_POPULATION_SEED + seed, steps.refine_images)
     log(f"drew {len(pixels)} figures for refinement")
-    latents = encode_latents(vae, pixels) * vae.config.scaling_factor
-    weights = region_loss_weights(pixels, tags)
+    group = _weighted_group(vae, pixels, tags)
     del pixels
     return train_text_to_image(
-        lambda: (unet, text_encoder), latents, tags, tokenizer, stage4_phase(steps), seed + 3, log,
-        loss_weights=weights,
-        snapshot=_snapshot_saver(save, snapshots, vae, "refine", ["vae", "decoder", "unet", "refine"], log),
-    )  # fmt: skip
+        lambda: (unet, text_encoder), [group], tokenizer, stage4_phase(steps), seed + 3, log, snapshot=snapshot
+    )
 
 
-def load_stage3(folder: Path, steps: BuildSteps, seed: int, vocab: dict[str, int]):
-    """(vae, unet, text encoder) of a model built up to stage 3 with these steps and seed."""
+def _stage_5(vae, unet, text_encoder, steps: BuildSteps, seed: int, tokenizer, log: Log, snapshot):
+    """Stage 4's models taught the shapes of the factory's training pictures (`stage5_phase`).
+
+    The factory trains LoRAs on kohya buckets (tall full-body crops of 64x192 or 96x160
+    px, square heads); a model that only ever saw 128 px squares draws broken figures at
+    those shapes, so a LoRA trained on them learns from a model out of its depth.
+    """
+    by_shape = population_by_shape(SHAPES_POPULATION_SEED + seed, steps.shapes_images)
+    log("drew figures of shapes " + ", ".join(f"{w}x{h}: {len(t)}" for (w, h), (_, t) in by_shape.items()))
+    groups = [_weighted_group(vae, pixels, tags) for pixels, tags in by_shape.values()]
+    del by_shape
+    return train_text_to_image(
+        lambda: (unet, text_encoder), groups, tokenizer, stage5_phase(steps), seed + 4, log, snapshot=snapshot
+    )
+
+
+def load_built_stages(folder: Path, steps: BuildSteps, seed: int, vocab: dict[str, int]):
+    """(vae, unet, text encoder, stages) of a model that this recipe built with these steps
+    and seed as far as stage 3 or further (`stages` lists them)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -700,14 +784,15 @@ def load_stage3(folder: Path, steps: BuildSteps, seed: int, vocab: dict[str, int
         raise FileNotFoundError(f"{folder} has no {BUILD_MARKER}: not a demo base model build")
     marker = json.loads(marker_path.read_text())
     stages = marker.get("stages", ["vae", "decoder", "unet"])  # recipe 2 ended with stage 3
-    earlier, theirs = _stage_1_to_3_steps(asdict(steps)), _stage_1_to_3_steps(marker["steps"])
     problems = []
-    if stages != ["vae", "decoder", "unet"]:
-        problems.append(f"it holds stages {stages}, not exactly stages 1-3")
+    if tuple(stages) not in [STAGES[:count] for count in range(3, len(STAGES))]:
+        problems.append(f"it holds stages {stages}, not stages 1-3 or 1-4 of {list(STAGES)}")
     if marker["seed"] != seed:
         problems.append(f"it was built with seed {marker['seed']}, not {seed}")
-    if theirs != earlier:
-        problems.append(f"its stages 1-3 ran {theirs}, not {earlier}")
+    ours, theirs = asdict(steps), marker["steps"]
+    for stage in ("unet", *stages[3:]):
+        if (mismatch := _stage_settings(theirs, stage)) != (wanted := _stage_settings(ours, stage)):
+            problems.append(f"its stage {stage!r} ran {mismatch}, not {wanted}")
     if json.loads((folder / "tokenizer" / "vocab.json").read_text()) != vocab:
         problems.append("its tokenizer is not this recipe's")
     if problems:
@@ -722,7 +807,7 @@ def load_stage3(folder: Path, steps: BuildSteps, seed: int, vocab: dict[str, int
     unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
     text_encoder = new_text_encoder(vocab)
     text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
-    return vae.eval(), unet, text_encoder
+    return vae.eval(), unet, text_encoder, list(stages)
 
 
 def _save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, tokenizer_source: Path, marker: dict) -> None:
@@ -786,9 +871,16 @@ def measure_autoencoder(pipeline_dir: Path, count: int = 64, seed: int = HELDOUT
     }
 
 
-def _stage_1_to_3_steps(steps: dict) -> dict:
-    """The step settings that stages 1-3 use (stage 4's are the `refine_*` and tag-naming ones)."""
-    return {key: value for key, value in steps.items() if not key.startswith(("refine_", "tag_naming"))}
+# The step settings each later stage owns; "unet" stands for stages 1-3, which own the rest.
+_STAGE_SETTINGS = {"refine": ("refine_", "tag_naming"), "shapes": ("shapes_",)}
+
+
+def _stage_settings(steps: dict, stage: str) -> dict:
+    """The step settings `stage` ran with, out of a BuildSteps dict (a marker's, say)."""
+    if stage == "unet":
+        later = tuple(prefix for prefixes in _STAGE_SETTINGS.values() for prefix in prefixes)
+        return {key: value for key, value in steps.items() if not key.startswith(later)}
+    return {key: value for key, value in steps.items() if key.startswith(_STAGE_SETTINGS[stage])}
 
 
 def _face_of(nearest: torch.Tensor) -> torch.Tensor:
@@ -908,7 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="build the model into this new folder")
     parser.add_argument("--tiny", action="store_true", help="a smoke build with tiny step counts")
     parser.add_argument("--snapshots", type=Path, help="also save the diffusion stages' intermediate models here")
-    parser.add_argument("--resume-from", type=Path, help="a model built up to stage 3: run only stage 4")
+    parser.add_argument("--resume-from", type=Path, help="a model built up to stage 3 or 4: run the stages after it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measure", type=Path, help="measure this built model (and write --samples)")
     parser.add_argument("--samples", type=Path, help="folder for sample grids (with --measure)")

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from lora_factory.demo.service import demo_booru_url
 from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
+from lora_factory.demo.world_population import BUCKET_STEP
 from lora_factory.resources import (
     AnimeSeries,
     BaseModelResource,
@@ -97,6 +98,9 @@ class DemoBaseModel(BaseModelResource):
         conv_rank=DEMO_CONV_RANK,
         sampling_steps=20,
         guidance=DEMO_GUIDANCE,
+        # Its sides go in steps of 32 px (SD1.5's: 64): at 128 px, steps of 64 leave
+        # tall crops two shapes, 64x192 or a square, and cut a third off most of them.
+        bucket_step=BUCKET_STEP,
     )
     synthetic_demo: ClassVar[bool] = True
 

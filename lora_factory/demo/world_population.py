@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from lora_factory.bucketing.buckets import KohyaBuckets, resize_and_crop
 from lora_factory.demo.booru import UNRELATED_CHARACTERS
 from lora_factory.demo.booru import _figure_tags as booru_figure_tags  # the booru's own tag rules
 from lora_factory.demo.booru import _people_tags as booru_people_tags
@@ -36,6 +37,12 @@ BACKGROUND_WEIGHTS = {"white_background": 3, "blue_background": 1}
 FEATURE_CHANCES = {"horns": 0.3, "hair_ribbon": 0.25}
 DRESS_CHANCE = 0.25
 DEFAULT_SIZE = 128  # the demo base model's native resolution
+
+# The demo base model's UNet halves its latents twice (SD1.5's three times), so its
+# pictures' sides go in steps of 8 x 4 = 32 px; these are the buckets the factory makes
+# for it with its default settings (128 px, sides 64-256 px).
+BUCKET_STEP = 32
+FACTORY_BUCKETS = KohyaBuckets.around(DEFAULT_SIZE, BUCKET_STEP)
 
 # The drawing canvas per framing: crops are cut from a picture big enough that they are
 # always downscaled (never blown up) to the output size, as the factory's crops are.
@@ -56,7 +63,7 @@ TOPS = tuple(g for g in GARMENT_COLOURS if g not in DRESSES + BOTTOMS)
 class PopulationFigure:
     """One captioned picture of the population."""
 
-    image: Image.Image  # RGB, size x size
+    image: Image.Image  # RGB, size x size (or its bucket's size)
     tags: tuple[str, ...]  # booru form (`red_hair`), in caption order
     character: DemoCharacter  # the generated look (not an index character)
     framing: str  # one of FRAMINGS
@@ -107,18 +114,31 @@ def random_character(rng: random.Random, key: str = "population") -> DemoCharact
             return character
 
 
-def population_figure(seed: int, index: int, size: int = DEFAULT_SIZE) -> PopulationFigure:
-    """Figure `index` of the population drawn from `seed`: the same picture every time."""
+def population_figure(
+    seed: int, index: int, size: int = DEFAULT_SIZE, buckets: KohyaBuckets | None = None
+) -> PopulationFigure:
+    """Figure `index` of the population drawn from `seed`: the same picture every time.
+
+    A square `size` picture; with `buckets`, the same figure cut the way the factory cuts
+    its crops (a box around what the framing shows, at the box's own aspect ratio) and
+    fitted to its kohya bucket the way the factory's training set is (`size` unused).
+    """
     # A string seed is hashed with sha512 by `random`: stable across runs and machines.
     rng = random.Random(f"demo-population:{seed}:{index}")
     character = random_character(rng, key=f"population_{seed}_{index}")
     framing = rng.choices(FRAMINGS, weights=FRAMING_WEIGHTS)[0]
     background = rng.choices(list(BACKGROUND_WEIGHTS), weights=list(BACKGROUND_WEIGHTS.values()))[0]
-    canvas = size * _CANVAS[framing]
+    side = size if buckets is None else max(buckets.resolution)
+    canvas = side * _CANVAS[framing]
     drawn = draw_post([(character, 0)], (canvas, canvas), rng, background)
     (figure,) = drawn.figures
-    image = _frame(drawn.image, figure, framing, BACKGROUNDS[background])
-    image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=None)
+    if buckets is None:
+        image = _frame(drawn.image, figure, framing, BACKGROUNDS[background])
+        image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=None)
+    else:
+        crop = _crop(drawn.image, _framing_box(figure, framing), BACKGROUNDS[background], square=False)
+        choice = buckets.select(crop.width, crop.height)
+        image = resize_and_crop(crop, choice.bucket, choice.resized)
     return PopulationFigure(
         image=image,
         tags=tuple(figure_tags(character, framing, background)),
@@ -158,26 +178,36 @@ def _frame(image: Image.Image, figure: DrawnFigure, framing: str, background: tu
     """The square part of the picture that `framing` shows of the figure."""
     if framing == "full_body":
         return image  # draw_post already placed the whole figure in the square picture
+    return _crop(image, _framing_box(figure, framing), background, square=True)
+
+
+def _framing_box(figure: DrawnFigure, framing: str) -> Box:
+    """The part of the figure that `framing` shows."""
+    if framing == "full_body":
+        return figure.box
     if framing == "upper_body":
-        return _square_crop(image, figure.half_body_box, background)
+        return figure.half_body_box
     left, top, right, bottom = figure.head_box
-    bottom += round(_PORTRAIT_SHOULDERS * (bottom - top))
-    return _square_crop(image, (left, top, right, bottom), background)
+    return left, top, right, bottom + round(_PORTRAIT_SHOULDERS * (bottom - top))
 
 
-def _square_crop(image: Image.Image, box: Box, background: tuple[int, int, int]) -> Image.Image:
-    """A square around `box` with a margin; what falls outside the picture is background."""
+def _crop(image: Image.Image, box: Box, background: tuple[int, int, int], square: bool) -> Image.Image:
+    """`box` with a margin (a square around it if `square`); what falls outside the
+    picture is background."""
     left, top, right, bottom = box
-    side = round(max(right - left, bottom - top) / (1 - 2 * _CROP_MARGIN))
+    width = round((right - left) / (1 - 2 * _CROP_MARGIN))
+    height = round((bottom - top) / (1 - 2 * _CROP_MARGIN))
+    if square:
+        width = height = max(width, height)
     # Centred on the box across; the box's top stays near the crop's top, as in a real crop.
-    crop_left = (left + right - side) // 2
-    crop_top = top - round(_CROP_MARGIN * side)
-    square = Image.new("RGB", (side, side), background)
-    square.paste(image.crop((crop_left, crop_top, crop_left + side, crop_top + side)), (0, 0))
+    crop_left = (left + right - width) // 2
+    crop_top = top - round(_CROP_MARGIN * height)
+    crop = Image.new("RGB", (width, height), background)
+    crop.paste(image.crop((crop_left, crop_top, crop_left + width, crop_top + height)), (0, 0))
     # PIL fills the parts of a crop outside the picture with black: paint them over.
-    outside = Image.new("L", (side, side), 255)
+    outside = Image.new("L", (width, height), 255)
     inside_left, inside_top = max(0, -crop_left), max(0, -crop_top)
-    inside_right, inside_bottom = min(side, image.width - crop_left), min(side, image.height - crop_top)
+    inside_right, inside_bottom = min(width, image.width - crop_left), min(height, image.height - crop_top)
     outside.paste(0, (inside_left, inside_top, inside_right, inside_bottom))
-    square.paste(background, (0, 0, side, side), outside)
-    return square
+    crop.paste(background, (0, 0, width, height), outside)
+    return crop

@@ -53,7 +53,7 @@ class VisionModelsResource(dg.ConfigurableResource):
 class BaseModelDefaults:
     """What training and previews use for the settings a run leaves undecided (None: their
     usual rule: training length by dataset size, the optimizer's learning rates, 20
-    sampling steps, guidance 7)."""
+    sampling steps, guidance 7, kohya's bucket step of 64 px)."""
 
     max_train_steps: int | None = None
     save_every_n_steps: int | None = None
@@ -62,6 +62,7 @@ class BaseModelDefaults:
     conv_rank: int | None = None
     sampling_steps: int | None = None
     guidance: float | None = None
+    bucket_step: int | None = None
 
     def training(self, config: TrainingConfig) -> TrainingConfig:
         """`config` with these defaults where it leaves the length, the saves, the

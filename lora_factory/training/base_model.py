@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,15 +49,38 @@ def native_resolution(source: str | Path) -> int:
 
     A single-file checkpoint is SD1.5-family here, trained at 512.
     """
+    configs = _pipeline_configs(source)
+    if configs is None:
+        return 512
+    unet, vae = configs
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def side_multiple(source: str | Path) -> int:
+    """What picture sides must be multiples of for the model: the VAE's factor times the
+    UNet's (it halves the latents once per down block but the last). 64 for SD1.5, and
+    for a single-file checkpoint (SD1.5-family here)."""
+    configs = _pipeline_configs(source)
+    return 64 if configs is None else side_multiple_of(*configs)
+
+
+def _pipeline_configs(source: str | Path) -> tuple[dict, dict] | None:
+    """The UNet's and the VAE's configs of a diffusers folder; None for a single file."""
     folder = Path(source)
     if folder.is_file():
-        return 512
+        return None
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return (
+            json.loads((folder / "unet" / "config.json").read_text()),
+            json.loads((folder / "vae" / "config.json").read_text()),
+        )
     except FileNotFoundError as error:
         raise BaseModelError(f"{folder} is not a diffusers pipeline folder: {error}") from error
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def side_multiple_of(unet_config: Mapping, vae_config: Mapping) -> int:
+    """`side_multiple` from the UNet's and the VAE's configs."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
 def pick_device() -> torch.device:

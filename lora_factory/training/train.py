@@ -33,7 +33,7 @@ import lightning as L
 import torch
 
 from lora_factory.storage import atomic_write_json, atomic_write_text, sha256_file
-from lora_factory.training.base_model import base_weights_sha256, load_base_model, pick_device
+from lora_factory.training.base_model import base_weights_sha256, load_base_model, pick_device, side_multiple_of
 from lora_factory.training.config import LOSS_LOG_NAME, MANIFEST_NAME, TrainingConfig
 from lora_factory.training.dataset import CaptionedLatentDataset, TrainingExample
 from lora_factory.training.gpu import claimed_device
@@ -126,6 +126,17 @@ def train_lora(
         )
 
 
+def _check_buckets_fit(examples: list[TrainingExample], multiple: int) -> None:
+    """Refuse buckets the base model cannot take (sides not multiples of `multiple`)
+    before anything of an earlier run is touched."""
+    odd = [example for example in examples if example.bucket[0] % multiple or example.bucket[1] % multiple]
+    if odd:
+        raise ValueError(
+            f"{len(odd)} training picture(s) have buckets the base model cannot take (its sides must be "
+            f"multiples of {multiple} px), e.g. {odd[0].image_path}: {odd[0].bucket}; bucket with a step of {multiple}"
+        )
+
+
 def _train_on(
     base_source,
     examples,
@@ -155,6 +166,16 @@ def _train_on(
     config = replace(config, optimizer=resolve_optimizer(config.optimizer, device))
 
     base_hash = base_weights_sha256(base_source)
+    precision = lightning_precision(config.mixed_precision, device)
+    base = load_base_model(
+        base_source,
+        clip_skip=config.clip_skip,
+        dtype=weights_dtype(precision),
+        device="cpu",  # Lightning moves the trained parts to `device`
+        config=base_config,
+        weights_sha256=base_hash,
+    )
+    _check_buckets_fit(examples, side_multiple_of(base.unet.config, base.vae.config))
     image_hashes = [sha256_file(Path(example.image_path)) for example in examples]
     run_hash = _run_hash(
         config, base_hash, examples, image_hashes, output_name, trigger_word, tag_frequency, dataset_dirs
@@ -171,15 +192,6 @@ def _train_on(
         _remove_previous_run(output_dir, manifest, log)
     atomic_write_json(manifest_path, {"run_hash": run_hash, "status": "running", "output_name": output_name})
 
-    precision = lightning_precision(config.mixed_precision, device)
-    base = load_base_model(
-        base_source,
-        clip_skip=config.clip_skip,
-        dtype=weights_dtype(precision),
-        device="cpu",  # Lightning moves the trained parts to `device`
-        config=base_config,
-        weights_sha256=base_hash,
-    )
     latent_cache = LatentCache(base, dataset, latent_cache_dir, image_hashes)
     module = LoraTrainingModule(base, dataset, config, latent_cache, log=log)
     metadata_for_step = _metadata_factory(

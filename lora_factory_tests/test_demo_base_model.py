@@ -22,6 +22,7 @@ from lora_factory.demo.base_model_build import (
     nearest_world_colours,
     caption_of,
     population_by_shape,
+    save_samples,
     region_loss_weights,
     tag_ends,
     tag_index,
@@ -323,3 +324,16 @@ def test_measurements_read_colours_back(tiny_build):
     report = measure_autoencoder(tiny_build, count=2)
     assert report["figures"] == 2 and len(report["mean_abs_error_rgb"]) == 3
     assert all(0 <= value <= 255 for value in report["mean_abs_error_rgb"])
+
+
+def test_sample_grids_show_captions_framings_and_the_factorys_bucket_shapes(tiny_build, tmp_path):
+    from PIL import Image
+
+    paths = save_samples(tiny_build, tmp_path, steps=2)
+    sizes = {path.name: Image.open(path).size for path in paths}
+    assert sizes == {
+        "heldout_captions.png": (8 * IMAGE_SIZE, 4 * IMAGE_SIZE),
+        "framings.png": (8 * IMAGE_SIZE, len(FRAMINGS) * IMAGE_SIZE),
+        "shape_64x192.png": (8 * 64, 192),
+        "shape_96x160.png": (8 * 96, 160),
+    }

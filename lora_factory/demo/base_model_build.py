@@ -23,11 +23,11 @@ half of them square and half cut and bucketed as the factory cuts and buckets it
 training pictures (`FACTORY_BUCKETS`: 64x192, 96x160, 128x128, ...), with stage 4's
 losses. Stage 4 is what made colour words work: on the same stage-3 model, 6,000 more
 plain steps reached hair 16/36 and tops 20/24, the same steps with tag naming hair 27/36
-and tops 19/24. Stage 5 is what makes the factory's LoRAs work: a model that only saw
+and tops 19/24. Stage 5 is what let the factory's LoRAs learn more: a model that only saw
 squares draws broken figures at 64x192 or 96x160, so LoRAs trained on those buckets
-learnt from broken pictures (the best fidelity of the demo's four LoRAs on the same
-buckets: 0.09 / 0.20 / 0.27 / 0.10 on the stage-4 model, 0.18 / 0.20 / 0.55 / 0.10 after
-stage 5).
+learnt from broken pictures (RecScore fidelity of the demo's four LoRAs at their chosen
+step, same buckets: 0.09 / 0.20 / 0.27 / 0.10 on the stage-4 model, 0.18 / 0.20 / 0.55 /
+0.10 after stage 5; eye colours are what they still miss most).
 
 It is a diffusers `StableDiffusionPipeline` folder with SD1.5's component classes and
 layout, only smaller; the factory loads it like any SD1.5 model
@@ -50,12 +50,11 @@ layout, only smaller; the factory loads it like any SD1.5 model
 
 Rebuild: `python -m lora_factory.demo.base_model_build --out DIR` (FULL_BUILD's step counts;
 `--tiny` for a seconds-long smoke build; `--resume-from DIR` runs only the stages after
-those of a model built up to stage 3 or 4, with the same result as a build from scratch). Every phase
-runs on one CPU thread from fixed seeds, so a rebuild on the same torch version and CPU
-kind gives byte-identical weights (checked by building twice and comparing the weight
-files' sha256); another torch
-version or CPU instruction set may change float rounding and so the weights, but not
-what the model has learnt. `--measure DIR` re-runs the measurements
+those of a model built up to stage 3 or 4, with the same result as a build from
+scratch). Every phase runs on one CPU thread from fixed seeds, so a rebuild on the same
+torch version and CPU kind gives byte-identical weights (checked by building twice and
+comparing the weight files' sha256); another torch version or CPU instruction set may
+change float rounding and so the weights, but not what the model has learnt. `--measure DIR` re-runs the measurements
 (`measure_autoencoder`, `measure_colour_following`) and writes sample grids.
 """
 
@@ -972,7 +971,8 @@ def save_grid(rows: Sequence[Sequence[Image.Image]], path: Path) -> Path:
 
 @one_cpu_thread()
 def save_samples(pipeline_dir: Path, folder: Path, guidance: float = 4.0, steps: int = 20) -> list[Path]:
-    """Sample grids for a person to look at: held-out captions, and the factory's framings."""
+    """Sample grids for a person to look at: held-out captions, the factory's framings,
+    and tall bucket shapes (`shape_<w>x<h>.png`: what the factory's LoRAs train on)."""
     from lora_factory.evaluation.previews import PreviewRenderer
     from lora_factory.evaluation.prompts import PreviewPrompt
 
@@ -984,14 +984,18 @@ def save_samples(pipeline_dir: Path, folder: Path, guidance: float = 4.0, steps:
     rows = [[f.image for f in figures[:8]], generated[:8], [f.image for f in figures[8:]], generated[8:]]
     paths = [save_grid(rows, folder / "heldout_captions.png")]
     (folder / "heldout_captions.txt").write_text("\n".join(f.caption for f in figures) + "\n")
-    framing_rows = []
-    for framing in FRAMINGS:
+    def framed(framing: str) -> list[PreviewPrompt]:
         caption = caption_text([
             "1girl", "solo", "long_hair", "pink_hair", "purple_eyes", "horns", "dress", "green_dress",
             framing, "white_background", "simple_background",
         ])  # fmt: skip
-        framing_rows.append(renderer.render(None, [PreviewPrompt(f"{framing}{s}", caption, "", s) for s in range(8)]))
-    paths.append(save_grid(framing_rows, folder / "framings.png"))
+        return [PreviewPrompt(f"{framing}{seed}", caption, "", seed) for seed in range(8)]
+
+    paths.append(save_grid([renderer.render(None, framed(framing)) for framing in FRAMINGS], folder / "framings.png"))
+    for (width, height), framing in (((64, 192), "full_body"), ((96, 160), "upper_body")):
+        shaped = PreviewRenderer(pipeline_dir, steps=steps, guidance=guidance, device="cpu", batch_size=8,
+                                 size=(width, height))  # fmt: skip
+        paths.append(save_grid([shaped.render(None, framed(framing))], folder / f"shape_{width}x{height}.png"))
     return paths
 
 

@@ -54,8 +54,8 @@ from lora_factory.storage import (
 )
 
 CAPTIONS_CODE_VERSION = "3"
-DEFAULT_BUCKET_STEP = 64  # kohya's --bucket_reso_steps
 BUCKETS_CODE_VERSION = "3"
+DEFAULT_BUCKET_STEP = 64  # kohya's --bucket_reso_steps
 
 
 @dataclass(frozen=True)

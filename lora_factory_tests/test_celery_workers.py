@@ -33,6 +33,7 @@ from lora_factory.demo.deployment import DEMO_INDEX_PATH
 from lora_factory.engines import CPU_QUEUE, GPU_QUEUE, celery_config
 from lora_factory.provenance import Stamp
 from lora_factory.resources import CharacterIndex
+from lora_factory.training.train import STATE_DIR_NAME, STATE_FILE_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAGSTER_CELERY = Path(sys.executable).with_name("dagster-celery")
@@ -155,9 +156,11 @@ def test_two_characters_on_celery_workers_with_a_worker_killed(tmp_path, scratch
         def character_runs() -> list[dg.DagsterRun]:
             return list(instance.get_runs(dg.RunsFilter(job_name="character_job")))
 
-        # Kill the GPU worker once a character has saved its first checkpoint.
+        # Kill the GPU worker once a character has saved its first checkpoint and the
+        # training state that a retry resumes from (written just after the LoRA file).
         def first_checkpoint() -> Path | None:
-            return next(iter(sorted(home.glob("artefacts/lora_checkpoints/*/*-000024.safetensors"))), None)
+            saved = sorted(home.glob("artefacts/lora_checkpoints/*/*-000024.safetensors"))
+            return next((p for p in saved if (p.parent / STATE_DIR_NAME / STATE_FILE_NAME).is_file()), None)
 
         checkpoint = wait_for("a first checkpoint", first_checkpoint, gpu_log, timeout=RUNS_WAIT_S)
         killed = kill_tree(gpu_worker)

@@ -1,5 +1,6 @@
-"""Trainer options: LoHa/LoKr runs, conv ranks (LoCon), Prodigy, input perturbation, epochs, out-of-memory advice,
-GPU claims, SDPA attention and the VAE's precision, nothing touching CUDA at import."""
+"""Trainer options: LoHa/LoKr runs, conv ranks (LoCon), Prodigy, input perturbation, noise offset and
+multi-resolution noise, epochs, out-of-memory advice, GPU claims, SDPA attention and the VAE's precision,
+nothing touching CUDA at import."""
 
 from __future__ import annotations
 
@@ -145,6 +146,29 @@ def test_a_conv_rank_trains_the_resnet_convolutions_and_previews_load_them(tiny_
     renderer = PreviewRenderer(tiny_sd, steps=2, guidance=1.0, device="cpu")
     with_lora = renderer.render(checkpoint.path, [PreviewPrompt("p", TRIGGER, "", 0)])
     assert len(with_lora) == 1 and with_lora[0].getbbox() is not None
+
+
+def test_noise_options_change_the_step_and_are_recorded(tiny_sd, examples, tmp_path):
+    base = load_base_model(tiny_sd, device="cpu")
+    config = TrainingConfig(rank=4, batch_size=2).resolved(len(examples))
+    module = LoraTrainingModule(base, CaptionedLatentDataset(examples), config, log=lambda message: None)
+    module.latent_cache.fill(torch.device("cpu"), log=lambda message: None)
+    batch = next(iter(module.train_dataloader()))
+
+    def loss(**options) -> float:
+        module.config = replace(config, **options)
+        with torch.no_grad():
+            return module.training_step(batch, 0).item()
+
+    plain = loss()
+    assert loss() == plain
+    assert loss(multires_noise_iterations=6, multires_noise_discount=0.3) != plain
+    assert loss(noise_offset=0.1) != plain
+    # kohya's metadata names, so A1111's and kohya's tools show how the file was trained.
+    run = TrainingConfig(rank=4, batch_size=2, max_train_steps=1, multires_noise_iterations=6, noise_offset=0.05)
+    _, metadata = read_kohya_lora(_train(tiny_sd, examples, tmp_path, run)[-1].path)
+    assert metadata["ss_multires_noise_iterations"] == "6" and metadata["ss_multires_noise_discount"] == "0.3"
+    assert metadata["ss_noise_offset"] == "0.05"
 
 
 def test_input_perturbation_changes_the_step_deterministically(tiny_sd, examples):

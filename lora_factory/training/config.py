@@ -113,7 +113,11 @@ class TrainingConfig:
     resolution: int = 512  # the bucketing resolution; recorded in the LoRA's metadata
     seed: int = 0
     min_snr_gamma: float | None = 5.0  # None or 0 disables min-SNR weighting
-    noise_offset: float = 0.0
+    noise_offset: float = 0.0  # kohya's noise offset: a random constant per latent channel (~0.05-0.1)
+    # kohya's multi-resolution ("pyramid") noise: coarser noise at up to this many halvings
+    # of the latent size, each level weighted discount ** level (see training.noise)
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
     input_perturbation: float = 0.0  # extra noise on the model input only (Ning et al. 2023); ~0.1
     caption_shuffle: bool = True
     keep_tokens: int = 1  # the trigger word stays first when captions are shuffled
@@ -164,6 +168,10 @@ class TrainingConfig:
         for name in ("noise_offset", "input_perturbation"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.multires_noise_iterations < 0:
+            problems.append(f"multires_noise_iterations must be >= 0, got {self.multires_noise_iterations}")
+        if self.multires_noise_iterations and not 0.0 < self.multires_noise_discount <= 1.0:
+            problems.append(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
         if self.log_every_n_steps < 1:
             problems.append(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
         if not 0.0 <= self.caption_dropout < 1.0:

@@ -31,6 +31,7 @@ from lora_factory.training.base_model import (
 from lora_factory.training.config import TrainingConfig
 from lora_factory.training.dataset import BucketDataLoader, CaptionedLatentDataset
 from lora_factory.training.kohya_format import peft_to_kohya_state_dict
+from lora_factory.training.noise import training_noise
 from lora_factory.training.optimizers import build_optimizer
 
 VAE_BATCH_SIZE = 8
@@ -167,10 +168,9 @@ class LoraTrainingModule(L.LightningModule):
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         latents = self.latent_cache.batch(batch["example_ids"], batch["flips"])
         generator = self.step_generator(self.global_step)
-        noise = torch.randn(latents.shape, generator=generator)
-        if self.config.noise_offset:
-            # Lets the model learn overall brightness shifts (very dark / bright images).
-            noise += self.config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+        config = self.config
+        noise = training_noise(latents.shape, generator, config.noise_offset, config.multires_noise_iterations,
+                               config.multires_noise_discount)  # fmt: skip
         timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator)
         model_input_noise = noise
         if self.config.input_perturbation:

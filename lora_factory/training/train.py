@@ -449,6 +449,9 @@ def _metadata_factory(
         lr_warmup_steps=config.lr_warmup_steps,
         min_snr_gamma=config.min_snr_gamma,
         noise_offset=config.noise_offset,
+        # kohya writes the discount only with the iterations that use it
+        multires_noise_iterations=config.multires_noise_iterations or None,
+        multires_noise_discount=config.multires_noise_discount if config.multires_noise_iterations else None,
         input_perturbation=config.input_perturbation,
         num_epochs=math.ceil(config.max_train_steps / batches_per_epoch),
         gradient_checkpointing=config.gradient_checkpointing,

@@ -257,31 +257,35 @@ def test_build_is_reproducible_and_refuses_existing_folders(tiny_build, tmp_path
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging left
 
 
-def test_a_build_resumed_after_stage_3_or_4_gives_the_same_bytes(tiny_build, tmp_path):
+def test_a_build_resumed_after_stage_3_4_or_5_gives_the_same_bytes(tiny_build, tmp_path):
     quiet = lambda _: None  # noqa: E731
-    all_stages = ["vae", "decoder", "unet", "refine", "shapes"]
+    all_stages = ["vae", "decoder", "unet", "refine", "shapes", "colour"]
     assert json.loads((tiny_build / BUILD_MARKER).read_text())["stages"] == all_stages
     stage3 = build_demo_base_model(tmp_path / "stage3", replace(TINY_BUILD, refine_steps=0), log=quiet)
     stage4 = build_demo_base_model(tmp_path / "stage4", replace(TINY_BUILD, shapes_steps=0), log=quiet)
-    assert json.loads((stage3 / BUILD_MARKER).read_text())["stages"] == all_stages[:3]
-    assert json.loads((stage4 / BUILD_MARKER).read_text())["stages"] == all_stages[:4]
-    for earlier in (stage3, stage4):
+    stage5 = build_demo_base_model(tmp_path / "stage5", replace(TINY_BUILD, colour_steps=0), log=quiet)
+    earlier_builds = (stage3, stage4, stage5)
+    for count, earlier in enumerate(earlier_builds, start=3):
+        assert json.loads((earlier / BUILD_MARKER).read_text())["stages"] == all_stages[:count]
+    for earlier in earlier_builds:
         resumed = build_demo_base_model(tmp_path / f"from_{earlier.name}", TINY_BUILD, log=quiet, resume_from=earlier)
         assert json.loads((resumed / BUILD_MARKER).read_text())["stages"] == all_stages
         for name in (*WEIGHT_FILES, "unet/config.json", "vae/config.json", "text_encoder/config.json"):
             digest = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for folder in (tiny_build, resumed)]
             assert digest[0] == digest[1], (earlier.name, name)
-    # Stages 4 and 5 change the diffusion models, not the autoencoder.
-    for earlier in (stage3, stage4):
+    # Stages 4 to 6 change the diffusion models, not the autoencoder.
+    for earlier in earlier_builds:
         changed = {name for name in WEIGHT_FILES if (earlier / name).read_bytes() != (tiny_build / name).read_bytes()}
         assert changed == {WEIGHT_FILES[0], WEIGHT_FILES[2]}, earlier.name
     # A model that is not an earlier stage of this recipe's build is refused, with the reason.
-    with pytest.raises(ValueError, match="not stages 1-3 or 1-4"):
+    with pytest.raises(ValueError, match="not stages 1-3, 1-4 or 1-5"):
         build_demo_base_model(tmp_path / "twice", TINY_BUILD, log=quiet, resume_from=tiny_build)
     with pytest.raises(ValueError, match="seed 0, not 1"):
         build_demo_base_model(tmp_path / "seed", TINY_BUILD, seed=1, log=quiet, resume_from=stage3)
     with pytest.raises(ValueError, match="its stage 'refine' ran"):
         build_demo_base_model(tmp_path / "steps", replace(TINY_BUILD, refine_steps=4), log=quiet, resume_from=stage4)
+    with pytest.raises(ValueError, match="its stage 'shapes' ran"):
+        build_demo_base_model(tmp_path / "shapes", replace(TINY_BUILD, shapes_lr=1e-3), log=quiet, resume_from=stage5)
     with pytest.raises(FileNotFoundError, match="not a demo base model build"):
         build_demo_base_model(tmp_path / "none", TINY_BUILD, log=quiet, resume_from=tmp_path)
 

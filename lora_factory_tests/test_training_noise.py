@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lora_factory.demo.deployment import DemoBaseModel
 from lora_factory.training.config import TrainingConfig
 from lora_factory.training.noise import training_noise
 
@@ -51,4 +52,15 @@ def test_bad_multires_settings_are_refused():
         TrainingConfig(multires_noise_iterations=-1)
     with pytest.raises(ValueError, match=r"multires_noise_discount must be in \(0, 1\]"):
         TrainingConfig(multires_noise_iterations=6, multires_noise_discount=0.0)
-    TrainingConfig(multires_noise_discount=0.0)  # unused without iterations
+    with pytest.raises(ValueError, match="noise_offset must be >= 0"):
+        TrainingConfig(noise_offset=-0.1)
+
+
+def test_undecided_noise_is_plain_unless_the_base_model_says_otherwise():
+    plain = TrainingConfig().resolved(5)
+    assert (plain.noise_offset, plain.multires_noise_iterations, plain.multires_noise_discount) == (0.0, 0, 0.3)
+    demo = DemoBaseModel.defaults.training(TrainingConfig()).resolved(5)
+    assert (demo.noise_offset, demo.multires_noise_iterations, demo.multires_noise_discount) == (0.1, 4, 0.5)
+    # A run that turns it off keeps it off.
+    off = DemoBaseModel.defaults.training(TrainingConfig(noise_offset=0.0, multires_noise_iterations=0))
+    assert (off.resolved(5).noise_offset, off.resolved(5).multires_noise_iterations) == (0.0, 0)

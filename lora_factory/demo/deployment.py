@@ -10,7 +10,12 @@ from typing import ClassVar
 
 from lora_factory.demo.service import demo_booru_url
 from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
-from lora_factory.demo.world_population import BUCKET_STEP
+from lora_factory.demo.world_population import (
+    BUCKET_STEP,
+    COARSE_NOISE_MULTIRES_DISCOUNT,
+    COARSE_NOISE_MULTIRES_ITERATIONS,
+    COARSE_NOISE_OFFSET,
+)
 from lora_factory.resources import (
     AnimeSeries,
     BaseModelResource,
@@ -96,6 +101,10 @@ class DemoBaseModel(BaseModelResource):
         unet_learning_rate=DEMO_UNET_LEARNING_RATE,
         text_encoder_learning_rate=DEMO_TEXT_ENCODER_LEARNING_RATE,
         conv_rank=DEMO_CONV_RANK,
+        # The coarse noise its last build stage trained on (see world_population).
+        noise_offset=COARSE_NOISE_OFFSET,
+        multires_noise_iterations=COARSE_NOISE_MULTIRES_ITERATIONS,
+        multires_noise_discount=COARSE_NOISE_MULTIRES_DISCOUNT,
         sampling_steps=20,
         guidance=DEMO_GUIDANCE,
         # Its sides go in steps of 32 px (SD1.5's: 64): at 128 px, steps of 64 leave

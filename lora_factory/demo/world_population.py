@@ -43,6 +43,15 @@ DEFAULT_SIZE = 128  # the demo base model's native resolution
 # for it with its default settings (128 px, sides 64-256 px).
 BUCKET_STEP = 32
 FACTORY_BUCKETS = KohyaBuckets.around(DEFAULT_SIZE, BUCKET_STEP)
+# The demo base model's last stage trains on noise with coarse random structure (kohya's
+# noise offset and multi-resolution noise, `training.noise`), and so do its LoRAs: SD1.5's
+# schedule leaves a 16x16 latent's coarse structure readable through the noise of the last
+# timesteps (from 7% of a picture the model redraws its exact layout), so a model trained
+# on plain noise reads colours from its input, and at sampling, which starts from pure
+# noise, from the noise's random coarse structure.
+COARSE_NOISE_OFFSET = 0.1
+COARSE_NOISE_MULTIRES_ITERATIONS = 4  # 16x16 latents: levels of 8, 4, 2 and 1 latent pixels
+COARSE_NOISE_MULTIRES_DISCOUNT = 0.5
 
 # The drawing canvas per framing: crops are cut from a picture big enough that they are
 # always downscaled (never blown up) to the output size, as the factory's crops are.

@@ -52,6 +52,7 @@ LOSS_LOG_NAME = "loss.csv"
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # (UNet, text encoder) learning rates when none are given.
 DEFAULT_LEARNING_RATES = {"adamw": (1e-4, 5e-5), "adamw8bit": (1e-4, 5e-5), "prodigy": (1.0, 1.0)}
+DEFAULT_MULTIRES_NOISE_DISCOUNT = 0.3  # kohya's
 # LoRA (kohya's networks.lora), LoHa (Hadamard product) and LoKr (Kronecker product), the
 # last two written in LyCORIS' layout.
 NETWORK_TYPES = ("lora", "loha", "lokr")
@@ -113,11 +114,13 @@ class TrainingConfig:
     resolution: int = 512  # the bucketing resolution; recorded in the LoRA's metadata
     seed: int = 0
     min_snr_gamma: float | None = 5.0  # None or 0 disables min-SNR weighting
-    noise_offset: float = 0.0  # kohya's noise offset: a random constant per latent channel (~0.05-0.1)
-    # kohya's multi-resolution ("pyramid") noise: coarser noise at up to this many halvings
-    # of the latent size, each level weighted discount ** level (see training.noise)
-    multires_noise_iterations: int = 0
-    multires_noise_discount: float = 0.3
+    # Coarse noise (training.noise); None: the base model's default, else off. kohya's noise
+    # offset is a random constant per latent channel (~0.05-0.1); its multi-resolution noise
+    # adds noise at up to `multires_noise_iterations` halvings of the latent size, level k
+    # weighted `multires_noise_discount ** k` (None: 0.3, kohya's default).
+    noise_offset: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float | None = None
     input_perturbation: float = 0.0  # extra noise on the model input only (Ning et al. 2023); ~0.1
     caption_shuffle: bool = True
     keep_tokens: int = 1  # the trigger word stays first when captions are shuffled
@@ -165,12 +168,10 @@ class TrainingConfig:
                 problems.append(f"{name} must be >= 1, got {value}")
         if self.max_train_steps is not None and self.max_train_epochs is not None:
             problems.append("give max_train_steps or max_train_epochs, not both")
-        for name in ("noise_offset", "input_perturbation"):
-            if getattr(self, name) < 0:
+        for name in ("noise_offset", "input_perturbation", "multires_noise_iterations"):
+            if (getattr(self, name) or 0) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.multires_noise_iterations < 0:
-            problems.append(f"multires_noise_iterations must be >= 0, got {self.multires_noise_iterations}")
-        if self.multires_noise_iterations and not 0.0 < self.multires_noise_discount <= 1.0:
+        if self.multires_noise_discount is not None and not 0.0 < self.multires_noise_discount <= 1.0:
             problems.append(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
         if self.log_every_n_steps < 1:
             problems.append(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
@@ -214,6 +215,9 @@ class TrainingConfig:
             save_every_n_steps=save_every,
             unet_learning_rate=self.unet_learning_rate or unet_lr,
             text_encoder_learning_rate=self.text_encoder_learning_rate or text_encoder_lr,
+            noise_offset=self.noise_offset or 0.0,
+            multires_noise_iterations=self.multires_noise_iterations or 0,
+            multires_noise_discount=self.multires_noise_discount or DEFAULT_MULTIRES_NOISE_DISCOUNT,
         )
 
     @property
@@ -226,6 +230,9 @@ class TrainingConfig:
             self.save_every_n_steps,
             self.unet_learning_rate,
             self.text_encoder_learning_rate,
+            self.noise_offset,
+            self.multires_noise_iterations,
+            self.multires_noise_discount,
         )
 
     def to_dict(self) -> dict:

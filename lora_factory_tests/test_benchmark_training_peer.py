@@ -88,6 +88,26 @@ def test_the_script_gets_the_comparisons_settings_and_nothing_that_leaves_the_ma
     assert "PYTHONPATH" not in environment
 
 
+def test_on_a_gpu_both_trainers_get_the_gpu_and_train_in_bf16(tmp_path):
+    comparison = Comparison(model="sd15", device="cuda", resolution=512, rank=32)
+    command = peer_command("py", "script.py", tmp_path / "model", tmp_path / "train", tmp_path / "out", comparison)
+    assert flag(command, "--mixed_precision") == "bf16" == comparison.mixed_precision
+    assert "CUDA_VISIBLE_DEVICES" not in peer_environment(1, tmp_path / "hf", gpu=True)
+    for bad, message in (({"model": "sdxl"}, "model must be one of"), ({"device": "mps"}, "device must be one of")):
+        with pytest.raises(ValueError, match=message):
+            Comparison(**bad)
+
+
+def test_a_gpu_comparison_without_a_gpu_is_refused_before_anything_runs(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda", "--model", "sd15", "--diffusers-script", "x.py", "--peer-python", "py"])
+    assert "torch sees no GPU here" in capsys.readouterr().err
+
+
 def test_steps_are_timed_when_the_bar_is_first_drawn_with_them_even_across_cut_chunks():
     clock = StepClock(PEER_PROGRESS)
     clock.feed("INFO - ***** Running training *****\n", 0.0)

@@ -63,6 +63,7 @@ class Setup:
     warmup_steps: int
     precision: str  # Lightning's name: "bf16-mixed" or "32-true"
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # ours only: the example does not compile
 
 
 def default_setup(device: torch.device) -> Setup:
@@ -141,6 +142,31 @@ def random_sd15_base(device: torch.device, dtype: torch.dtype, work_dir: Path):
     return base
 
 
+def write_random_sd15(folder: Path, device: torch.device) -> Path:
+    """`random_sd15_base` saved as a diffusers pipeline folder, for trainers that load one
+    from disk (diffusers' example script, `train_lora`). bf16 on a GPU (half the bytes to
+    write and read; both trainers train in bf16 there), fp32 on the CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_factory.training.tiny_sd import save_pipeline
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    scratch = folder.parent / f"{folder.name}-tokenizer-source"
+    base = random_sd15_base(device, dtype, scratch)
+    pipeline = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=base.noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    save_pipeline(pipeline, folder, scratch / "tokenizer")
+    return folder
+
+
 @contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Create parameters directly in `dtype`: no full-precision copy, no cast afterwards."""
@@ -202,6 +228,7 @@ def measure_ours(setup: Setup, resolution: int, images: list[Path], work_dir: Pa
         log_every_n_steps=total_steps,
         train_text_encoder=False,
         gradient_checkpointing=setup.gradient_checkpointing,
+        torch_compile=setup.torch_compile,
         optimizer=resolve_optimizer("adamw", setup.device),
         resolution=resolution,
     ).resolved(len(examples))
@@ -351,11 +378,12 @@ def measure_example_style(setup: Setup, resolution: int, images: list[Path], wor
 
 
 def count_flops(setup: Setup, loss_of_one_step, autocast: bool = True) -> int:
-    """FLOPs of one training step (forward and backward), counted by torch's FLOP counter."""
+    """FLOPs of one training step (forward and backward), counted by torch's FLOP counter
+    (eagerly: a compiled model's fused kernels are the same arithmetic)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     dtype = torch.bfloat16 if setup.precision == "bf16-mixed" else None
-    with FlopCounterMode(display=False) as counter:
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         with torch.autocast(setup.device.type, dtype=dtype, enabled=autocast and dtype is not None):
             loss = loss_of_one_step()
         loss.backward()
@@ -397,6 +425,7 @@ def print_header(setup: Setup, peak: float | None) -> None:
     print(
         f"device: {device} ({peak_text}); model: {model}; batch {setup.batch_size}, rank {setup.rank}, "
         f"precision {setup.precision}, {setup.steps} timed steps after {setup.warmup_steps} warm-up"
+        + (", ours with torch_compile (compiled in the warm-up)" if setup.torch_compile else "")
     )
     print(
         f"{'px':>5} | {'ours img/s':>10} | {'example img/s':>13} | {'speed-up':>8} | "
@@ -437,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--torch-compile", action="store_true", help="ours with torch_compile=True")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 (or fp32 on CPU) peak, for MFU")
     args = parser.parse_args(argv)
 
@@ -453,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "gradient_checkpointing": args.gradient_checkpointing or None,
+        "torch_compile": args.torch_compile or None,
     }
     setup = replace(setup, **{key: value for key, value in overrides.items() if value is not None})
     if any(resolution % 64 for resolution in setup.resolutions):

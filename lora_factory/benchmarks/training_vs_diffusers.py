@@ -5,7 +5,10 @@
 unmodified, in a separate Python environment, against `train_lora` on the same tiny
 SD1.5-shaped model, images, captions, resolution, batch size, rank, learning rate, schedule,
 min-SNR gamma, seed and number of steps, fp32 on the CPU, with the same number of threads,
-and prints the images per second of each and their ratio (ours / the example).
+and prints the images per second of each and their ratio (ours / the example). With
+`--device cuda` both train on the first GPU in bf16, and `--model sd15` gives both the full
+SD1.5 architecture with random weights (written once, as a diffusers folder, for all the
+`--resolution`s asked for).
 
 What is timed, on both sides: the training steps only, from the end of the last warm-up
 step to the end of the last timed step, read from each trainer's own per-step progress
@@ -72,6 +75,8 @@ PEER_PROGRESS = re.compile(r"Steps:[^\r\n]*?\|\s*(\d+)/(\d+)\s*\[")
 OUR_PROGRESS = re.compile(r": step (\d+)/(\d+) ")
 # What the peer environment must import for the script, and the versions worth reporting.
 PEER_MODULES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "datasets")
+MODELS = ("tiny", "sd15")
+DEVICES = ("cpu", "cuda")
 
 
 class PeerSetupError(RuntimeError):
@@ -84,6 +89,8 @@ class PeerRunError(RuntimeError):
 
 @dataclass(frozen=True)
 class Comparison:
+    model: str = "tiny"  # the tiny SD1.5-shaped model, or "sd15": the real architecture, random weights
+    device: str = "cpu"  # "cuda": both trainers on the first GPU, in bf16
     resolution: int = 128  # the tiny model's native size
     batch_size: int = 8
     rank: int = 8
@@ -94,8 +101,13 @@ class Comparison:
     min_snr_gamma: float = 5.0  # our default; the script's --snr_gamma
     seed: int = 0
     threads: int = 1  # torch's intra-op threads, each side
+    torch_compile: bool = False  # ours only: the script does not compile
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.resolution < 64 or self.resolution % 64:
             raise ValueError(f"resolution must be a multiple of 64 (the bucket grid), got {self.resolution}")
         for name in ("batch_size", "rank", "steps", "threads"):
@@ -103,6 +115,11 @@ class Comparison:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    @property
+    def mixed_precision(self) -> str:
+        """The script's and our `mixed_precision`: bf16 on a GPU (what users train in), fp32 on the CPU."""
+        return "bf16" if self.device == "cuda" else "no"
 
     @property
     def total_steps(self) -> int:
@@ -248,7 +265,7 @@ def peer_command(
 ) -> list[str]:
     """The script's command line for the comparison's settings: no validation, no Hub,
     centre crop and no flip (ours does not flip by default), loader in the main process,
-    fp32, no resume states (`--checkpointing_steps` past the last step)."""
+    the comparison's precision, no resume states (`--checkpointing_steps` past the last step)."""
     return [
         str(python),
         str(script),
@@ -267,16 +284,17 @@ def peer_command(
         "--snr_gamma", repr(comparison.min_snr_gamma),
         "--seed", str(comparison.seed),
         "--dataloader_num_workers", "0",
-        "--mixed_precision", "no",
+        "--mixed_precision", comparison.mixed_precision,
         "--checkpointing_steps", str(comparison.total_steps + 1),
     ]  # fmt: skip
 
 
-def peer_environment(threads: int, hf_home: Path | None = None) -> dict[str, str]:
-    """The script's environment: CPU only, `threads` threads, offline, unbuffered output."""
+def peer_environment(threads: int, hf_home: Path | None = None, gpu: bool = False) -> dict[str, str]:
+    """The script's environment: no GPU unless `gpu`, `threads` threads, offline, unbuffered output."""
     environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    if not gpu:
+        environment["CUDA_VISIBLE_DEVICES"] = ""
     environment.update(
-        CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS=str(threads),
         MKL_NUM_THREADS=str(threads),
         HF_HUB_OFFLINE="1",
@@ -289,8 +307,10 @@ def peer_environment(threads: int, hf_home: Path | None = None) -> dict[str, str
     return environment
 
 
-def shown_command(command: list[str], threads: int) -> str:
-    variables = f"CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} TQDM_MININTERVAL=0"
+def shown_command(command: list[str], threads: int, gpu: bool = False) -> str:
+    variables = f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} TQDM_MININTERVAL=0"
+    if not gpu:
+        variables = f"CUDA_VISIBLE_DEVICES= {variables}"
     return f"{variables} {shlex.join(command)}"
 
 
@@ -377,7 +397,8 @@ def tail(text: str, lines: int = OUTPUT_TAIL_LINES) -> str:
 def measure_ours(
     model_dir: Path, examples: list[tuple[Path, str]], comparison: Comparison, work_dir: Path
 ) -> Measurement:
-    """`train_lora` on the CPU with `comparison.threads` threads, UNet only, timed from its step log."""
+    """`train_lora` on the comparison's device (on the CPU with `comparison.threads` threads),
+    UNet only, timed from its step log."""
     import torch
 
     from lora_factory.training.config import TrainingConfig
@@ -396,7 +417,8 @@ def measure_ours(
         lr_scheduler=comparison.lr_scheduler,
         min_snr_gamma=comparison.min_snr_gamma,
         train_text_encoder=False,  # the script trains the UNet only
-        mixed_precision="no",
+        mixed_precision=comparison.mixed_precision,
+        torch_compile=comparison.torch_compile,
         optimizer="adamw",
     )
     bucket = (comparison.resolution, comparison.resolution)
@@ -423,7 +445,7 @@ def measure_ours(
             tag_frequency={},
             dataset_dirs={},
             log=log,
-            device="cpu",
+            device=comparison.device,
         )
     finally:
         torch.set_num_threads(threads)
@@ -441,28 +463,35 @@ def compare(
     repeats: int = 1,
     timeout_s: float = 1800.0,
     report: Callable[[str], None] | None = None,
+    model_dir: Path | None = None,
 ) -> list[dict[str, Measurement]]:
     """Both trainers `repeats` times (alternating which goes first); one row per repeat.
-    `report` gets the printed lines (default: print, flushed)."""
+    `report` gets the printed lines (default: print, flushed); `model_dir`: the comparison's
+    model already on disk (`write_base_model`), else it is made for this comparison."""
     report = report or partial(print, flush=True)
     import diffusers
     import torch
 
-    from lora_factory.training.tiny_sd import build_tiny_sd15
-
     versions = check_peer(python, script)
     script_sha256 = hashlib.sha256(Path(script).read_bytes()).hexdigest()
+    gpu = comparison.device == "cuda"
     rows = []
     with tempfile.TemporaryDirectory(prefix="lf-vs-diffusers-") as tmp:
         work_dir = Path(tmp)
-        model_dir = build_tiny_sd15(work_dir / "tiny-sd15")
+        model_dir = model_dir or write_base_model(comparison, work_dir / "base-model")
         examples = write_imagefolder(work_dir / "train", comparison)
+        model = "tiny SD1.5-shaped model" if comparison.model == "tiny" else "SD1.5 architecture (random weights)"
+        where = (
+            f"bf16 on {torch.cuda.get_device_name(0)}"
+            if gpu
+            else f"fp32 on the CPU, {comparison.threads} thread(s) each"
+        )
         report(
-            f"tiny SD1.5-shaped model, {comparison.resolution} px, batch {comparison.batch_size}, "
+            f"{model}, {comparison.resolution} px, batch {comparison.batch_size}, "
             f"rank {comparison.rank}, lr {comparison.learning_rate:g} {comparison.lr_scheduler}, "
             f"min-SNR {comparison.min_snr_gamma:g}, {comparison.image_count} images; "
             f"{comparison.total_steps} steps a run: {comparison.steps} timed after {comparison.warmup_steps} "
-            f"warm-up, 1 after; fp32 on the CPU, {comparison.threads} thread(s) each"
+            f"warm-up, 1 after; {where}" + ("; ours with torch_compile" if comparison.torch_compile else "")
         )
         report(f"ours: train_lora (UNet only) with torch {torch.__version__}, diffusers {diffusers.__version__}")
         report(
@@ -475,9 +504,9 @@ def compare(
             output_dir = work_dir / f"peer-{repeat}"
             command = peer_command(python, script, model_dir, work_dir / "train", output_dir, comparison)
             if repeat == 0:
-                report("diffusers example command: " + shown_command(command, comparison.threads))
+                report("diffusers example command: " + shown_command(command, comparison.threads, gpu))
                 report(HEADER)
-            environment = peer_environment(comparison.threads, work_dir / "hf-home")
+            environment = peer_environment(comparison.threads, work_dir / "hf-home", gpu)
             measures = {
                 "peer": partial(run_peer, command, environment, comparison, timeout_s, output_dir / PEER_LORA_FILE),
                 "ours": partial(measure_ours, model_dir, examples, comparison, work_dir),
@@ -494,6 +523,18 @@ def compare(
             ratios = [row["ours"].images_per_second / row["peer"].images_per_second for row in rows]
             report(f"median of the runs' own ratios (ours / example, img/s): {statistics.median(ratios):.2f}x")
     return rows
+
+
+def write_base_model(comparison: Comparison, folder: Path) -> Path:
+    """The comparison's model as a diffusers pipeline folder, which both trainers load."""
+    import torch
+
+    from lora_factory.benchmarks.training_throughput import write_random_sd15
+    from lora_factory.training.tiny_sd import build_tiny_sd15
+
+    if comparison.model == "tiny":
+        return build_tiny_sd15(folder)
+    return write_random_sd15(folder, torch.device(comparison.device))
 
 
 def median_measurement(measurements: list[Measurement]) -> Measurement:
@@ -533,30 +574,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diffusers-script", default=os.environ.get(SCRIPT_ENV), help=f"default: ${SCRIPT_ENV}")
     parser.add_argument("--peer-python", default=os.environ.get(PYTHON_ENV), help=f"default: ${PYTHON_ENV}")
     defaults = Comparison()
-    parser.add_argument("--resolution", type=int, default=defaults.resolution)
+    parser.add_argument("--model", choices=MODELS, default=defaults.model)
+    parser.add_argument("--device", choices=DEVICES, default=defaults.device, help="cuda: the first GPU, bf16")
+    parser.add_argument(
+        "--resolution", type=int, nargs="+", default=[defaults.resolution], help="one comparison per resolution"
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--rank", type=int, default=defaults.rank)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps per run")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads, each side")
+    parser.add_argument("--torch-compile", action="store_true", help="ours with torch_compile=True")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each; the median is printed too")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="for one run of the script")
     args = parser.parse_args(argv)
     try:
-        comparison = Comparison(
-            resolution=args.resolution,
-            batch_size=args.batch_size,
-            rank=args.rank,
-            steps=args.steps,
-            warmup_steps=args.warmup_steps,
-            threads=args.threads,
-        )
+        comparisons = [
+            Comparison(
+                model=args.model,
+                device=args.device,
+                resolution=resolution,
+                batch_size=args.batch_size,
+                rank=args.rank,
+                steps=args.steps,
+                warmup_steps=args.warmup_steps,
+                threads=args.threads,
+                torch_compile=args.torch_compile,
+            )
+            for resolution in args.resolution
+        ]
     except ValueError as error:
         parser.error(str(error))
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no GPU here")
     try:
-        compare(comparison, args.peer_python, args.diffusers_script, args.repeats, args.timeout_s)
+        check_peer(args.peer_python, args.diffusers_script)  # before the model is written
+        with tempfile.TemporaryDirectory(prefix="lf-vs-diffusers-model-") as tmp:
+            model_dir = write_base_model(comparisons[0], Path(tmp) / "base-model")  # one for all resolutions
+            for comparison in comparisons:
+                compare(comparison, args.peer_python, args.diffusers_script, args.repeats, args.timeout_s,
+                        model_dir=model_dir)  # fmt: skip
     except (PeerSetupError, PeerRunError) as error:
         print(f"error: {error}", flush=True)
         return 2

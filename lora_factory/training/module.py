@@ -149,6 +149,10 @@ class LoraTrainingModule(L.LightningModule):
                 # transformers 5 renamed the switch; older versions only have the old name.
                 enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
                 (enable or self.text_encoder.gradient_checkpointing_enable)()
+        if config.torch_compile:
+            # The forward only, in place: parameter names (and so saved files) stay as they
+            # are. (torch 2.13's `Module.compile()` leaves the module uncompiled.)
+            self.unet.forward = torch.compile(self.unet.forward)
         # Checkpoints hold only the adapters (see on_save_checkpoint); the frozen base
         # weights come from the base model when a run resumes.
         self.strict_loading = False

@@ -52,9 +52,10 @@ TRAINING_RECIPE_VERSION = 2
 STATE_DIR_NAME = ".training_state"
 STATE_FILE_NAME = "last.ckpt"
 KOHYA_PRECISION_NAMES = {"32-true": "no", "16-mixed": "fp16", "bf16-mixed": "bf16"}
-# Settings that change how a run reports or how much memory it needs, not what it produces:
-# a run that ran out of memory resumes from its last state with gradient checkpointing on.
-NON_RESULT_FIELDS = ("log_every_n_steps", "gradient_checkpointing")
+# Settings that change how a run reports, how fast it runs or how much memory it needs, not
+# what it produces: a run that ran out of memory resumes from its last state with gradient
+# checkpointing on.
+NON_RESULT_FIELDS = ("log_every_n_steps", "gradient_checkpointing", "torch_compile")
 
 
 class TrainingOutOfMemoryError(RuntimeError):
@@ -207,6 +208,7 @@ def _train_on(
         f"rank {config.rank}, alpha {config.alpha}"
         + (f", conv rank {config.conv_rank}, conv alpha {config.conv_alpha}" if config.conv_rank else "")
         + f", {config.optimizer}) on {device}, precision {precision}"
+        + (", UNet compiled (the first step compiles it)" if config.torch_compile else "")
     )
     with quiet_lightning_warnings():
         try:

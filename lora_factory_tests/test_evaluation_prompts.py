@@ -24,6 +24,21 @@ def test_prompts_are_deterministic_and_seeded_per_prompt():
     assert preview_prompts("ash_ember_knights", CORE, CLUSTERS, base_seed=7)[0].seed != first[0].seed
 
 
+def test_more_seeds_per_prompt_keep_the_first_seeds_and_add_new_ones():
+    one = preview_prompts("ash_ember_knights", CORE, CLUSTERS)
+    three = preview_prompts("ash_ember_knights", CORE, CLUSTERS, seeds_per_prompt=3)
+    assert len(three) == 3 * len(one)
+    assert three[: len(one)] == one  # the same previews as with one seed, first
+    assert [p.name for p in three[len(one) : 2 * len(one)]] == [f"{p.name}_seed2" for p in one]
+    assert [p.repeat for p in three] == [1] * len(one) + [2] * len(one) + [3] * len(one)
+    assert len({p.seed for p in three}) == len(three)
+    by_name = {p.name: p for p in three}
+    assert by_name["portrait_seed3"].prompt == by_name["portrait"].prompt
+    assert by_name["portrait_seed3"].expected_tags == by_name["portrait"].expected_tags
+    with pytest.raises(ValueError, match="seeds_per_prompt must be >= 1"):
+        preview_prompts("ash_ember_knights", CORE, CLUSTERS, seeds_per_prompt=0)
+
+
 def test_one_prompt_per_outfit_cluster_plus_the_generic_set():
     prompts = {prompt.name: prompt for prompt in preview_prompts("ash_ember_knights", CORE, CLUSTERS)}
     assert prompts["outfit_cluster_0"].expected_tags == ["1girl", "solo", "navy_jacket", "beige_skirt"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 from dagster._serdes import serialize_value
 import pytest
+from PIL import Image
 from safetensors import safe_open
 
 from lora_factory.assets.anime import anime_posts, series_clusters, series_figures
@@ -147,6 +148,27 @@ def test_second_run_reuses_everything(factory):
     built, reused = event_sizes(first), event_sizes(second)
     print("materialization event bytes, built -> reused:", {n: (built[n], reused[n]) for n in CHAIN})
     assert all(reused[name] < 5_000 for name in CHAIN[1:]), reused
+
+
+def test_more_previews_per_prompt_score_every_seed_and_show_one_column_per_prompt(factory):
+    instance, home, _, _ = factory
+    folder = home / "artefacts" / "recscore_table" / CHARACTER
+    first_step = sorted(folder.glob("step_*"))[1]  # step_000000 is the base model
+    one_seed = sorted(path.name for path in first_step.iterdir())
+    with Image.open(folder / "previews_grid.png") as grid:
+        one_seed_grid = grid.size
+    config = {"ops": {"recscore_table": {"config": {"previews_per_prompt": 2}}}}
+    result = run_chain(instance, home, selection=[recscore_table], run_config=config)
+    assert result.success, failure_message(result)
+    assert not metadata_by_asset(result)["recscore_table"]["reused"]  # the setting changed
+    two_seeds = sorted(path.name for path in first_step.iterdir())
+    assert two_seeds == sorted(one_seed + [name.replace(".png", "_seed2.png") for name in one_seed])
+    with Image.open(folder / "previews_grid.png") as grid:
+        assert grid.size == one_seed_grid  # the grid keeps one column per prompt
+    # Back to one seed: the second seeds' files go with the build that made them.
+    result = run_chain(instance, home, selection=[recscore_table])
+    assert result.success, failure_message(result)
+    assert sorted(path.name for path in first_step.iterdir()) == one_seed
 
 
 def event_sizes(result) -> dict[str, int]:

@@ -4,6 +4,7 @@ torch and diffusers are imported inside the asset (see assets/dataset.py for why
 """
 
 import io
+import shutil
 from collections.abc import Sequence
 
 import dagster as dg
@@ -16,7 +17,7 @@ from lora_factory.assets.index import character_index
 from lora_factory.assets.metadata import rounded, table_metadata
 from lora_factory.assets.stage import AssetFiles, Stage, character_asset
 from lora_factory.assets.training import LoraCheckpointsFiles, lora_checkpoints
-from lora_factory.evaluation.prompts import preview_prompts
+from lora_factory.evaluation.prompts import PreviewPrompt, preview_prompts
 from lora_factory.evaluation.recscore import score_checkpoints
 from lora_factory.evaluation.release import (
     METRICS_FILE,
@@ -57,12 +58,15 @@ class EvaluationSettings(dg.Config):
 
     sampling_steps: int = 0  # 0: the base model deployment's default (20 for a real model)
     guidance: float = 0.0  # 0: the base model deployment's default (7 for a real model)
+    # Seeds per preview prompt; 0: the base model deployment's default (1 for a real model).
+    # More make fidelity steadier (one preview in 11 moves it by ~0.1) and rendering longer.
+    previews_per_prompt: int = 0
     lora_scale: float = 1.0
     base_seed: int = 42
     beta: float = DEFAULT_BETA
 
 
-def _prompts(captioned: CaptionsFiles, gender: str, base_seed: int):
+def _prompts(captioned: CaptionsFiles, gender: str, config: EvaluationSettings, base_model: BaseModelResource):
     """(trigger word, core tags, preview prompts) from what captions decided."""
     summary = captioned.summary()
     clusters = captioned.clusters()
@@ -71,8 +75,18 @@ def _prompts(captioned: CaptionsFiles, gender: str, base_seed: int):
         summary.core_tags,
         [list(tags) for tags in clusters.sort_values("cluster")["tags"]],
         gender_tag=GENDER_TAGS[gender],
-        base_seed=base_seed,
+        base_seed=config.base_seed,
+        seeds_per_prompt=previews_per_prompt(config, base_model),
     )
+
+
+def previews_per_prompt(config: EvaluationSettings, base_model: BaseModelResource) -> int:
+    return config.previews_per_prompt or base_model.defaults.previews_per_prompt or 1
+
+
+def first_seeds(prompts: Sequence[PreviewPrompt]) -> list[PreviewPrompt]:
+    """Each prompt at its first seed: what grids and sheets show, one column per prompt."""
+    return [prompt for prompt in prompts if prompt.repeat == 1]
 
 
 class RecscoreFiles(AssetFiles):
@@ -183,7 +197,12 @@ def recscore_table(
         RecscoreFiles,
         config,
         reads=(LoraCheckpointsFiles, CaptionsFiles, CleanedCropsFiles),
-        extra={"models": vision_models.names(), "base": base_model.source, "row": row.content_hash()},
+        extra={
+            "models": vision_models.names(),
+            "base": base_model.source,
+            "row": row.content_hash(),
+            "previews_per_prompt": previews_per_prompt(config, base_model),
+        },
     )
     table_path = stage.files.table_path()
     out_dir = stage.files.folder
@@ -194,7 +213,7 @@ def recscore_table(
 
         cleaned = stage.read(CleanedCropsFiles)
         crops = cleaned.crops()
-        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)
+        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config, base_model)
         models = vision_models.load(stage.store)
         # Several GPUs: each rendering step (the `gpu` pool) claims a different one.
         with claimed_device(stage.store.root / "locks" / "gpu", log=context.log.info) as device:
@@ -218,18 +237,21 @@ def recscore_table(
                 baseline=True,
             )
             del renderer  # its weights leave the GPU before the lock does
+        for earlier in out_dir.glob("step_*"):
+            shutil.rmtree(earlier)  # an earlier build's previews: other checkpoints or seeds
         for step, images in previews.items():
             for prompt, image in zip(prompts, images, strict=True):
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
                 atomic_write_bytes(out_dir / f"step_{step:06d}" / f"{prompt.name}.png", buffer.getvalue())
         steps = sorted(previews)
+        shown = first_seeds(prompts)  # the first len(shown) previews of every step
         atomic_write_bytes(
             grid_path,
             image_grid_png(
-                [previews[s] for s in steps],
+                [previews[s][: len(shown)] for s in steps],
                 ["no LoRA" if s == BASELINE_STEP else f"step {s}" for s in steps],
-                [p.name for p in prompts],
+                [prompt.name for prompt in shown],
             ),
         )
         atomic_write_bytes(curve_path, metric_curve_png(table))
@@ -242,12 +264,14 @@ def recscore_table(
 
     def previews() -> str:
         steps = [BASELINE_STEP, *steps_around(table["step"], best)]
-        names = [p.name for p in _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)[2]]
+        prompts = _prompts(stage.read(CaptionsFiles), row.gender, config, base_model)[2]
+        names = [prompt.name for prompt in first_seeds(prompts)]
         sheet = preview_sheet(stage.files, table, steps, names, best, config.beta)
         return (
             f"The base model and the checkpoints around the best step ({best}), every picture at "
-            f"its rendered size. Every step's previews: `{stage.files.relative(out_dir)}/step_<step>/`; "
-            f"all of them in one grid: `{stage.files.relative(grid_path)}`.\n\n"
+            f"its rendered size (each prompt's first seed). Every step's previews: "
+            f"`{stage.files.relative(out_dir)}/step_<step>/`; the first seeds of all steps in one grid: "
+            f"`{stage.files.relative(grid_path)}`.\n\n"
             + sheet_markdown(sheet, f"previews around step {best}")
         )
 
@@ -299,7 +323,7 @@ def chosen_model(
     if stage.needs_build():
         table = scores.table()
         step = choose_step(table, beta=config.beta)
-        trigger, core_tags, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)
+        trigger, core_tags, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config, base_model)
         write_release(
             release_dir,
             stage.read(LoraCheckpointsFiles).checkpoint(step),
@@ -334,9 +358,9 @@ def chosen_model(
         links): the metrics plot, and the previews of the base model and the chosen step at
         their rendered size (recscore_table's `previews` adds the neighbouring steps, the
         release's previews.png has every step)."""
-        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config.base_seed)
+        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config, base_model)
         steps = [BASELINE_STEP, int(step)]
-        sheet = preview_sheet(scores, table, steps, [p.name for p in prompts], step, config.beta)
+        sheet = preview_sheet(scores, table, steps, [p.name for p in first_seeds(prompts)], step, config.beta)
         with Image.open(io.BytesIO(sheet)) as image:
             width = image.width
         return inline_images(

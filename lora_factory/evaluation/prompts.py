@@ -3,7 +3,9 @@
 One prompt per outfit cluster (does the LoRA reproduce what the character wears?), plus
 framing, outfit-change, pose and expression prompts (does it still follow prompts, or has
 it over-fitted to the dataset?). Seeds are fixed per prompt name, so the same prompt gives
-the same noise at every checkpoint and in every run, and only the LoRA differs.
+the same noise at every checkpoint and in every run, and only the LoRA differs. Each prompt
+can be rendered with several seeds (`seeds_per_prompt`): with one picture per prompt, one
+preview more or less recognised moves a checkpoint's fidelity by a tenth.
 
 Tags are kept in booru form (`white_shirt`) in `expected_tags`, which is what the tagger
 answers in; prompts write them the way AUTOMATIC1111 users do (`white shirt`).
@@ -53,6 +55,7 @@ class PreviewPrompt:
     seed: int
     # Booru tags the prompt asks for: the tagger should find them in the rendered image.
     expected_tags: list[str] = field(default_factory=list)
+    repeat: int = 1  # the k-th seed of this prompt (name `<prompt>_seed<k>` from the second on)
 
 
 def preview_prompts(
@@ -63,6 +66,7 @@ def preview_prompts(
     base_seed: int = 42,
     include_core_tags: bool = False,
     negative_prompt: str = STANDARD_NEGATIVE_PROMPT,
+    seeds_per_prompt: int = 1,
 ) -> list[PreviewPrompt]:
     """The preview prompt set for one character.
 
@@ -72,7 +76,13 @@ def preview_prompts(
     the trigger, as the model card suggests users may. Core tags are removed from the
     outfit clusters for the same reason. A cluster that is empty once core tags are gone
     still gets a prompt (the dataset's outfit with no words for it).
+
+    With `seeds_per_prompt` = n, every prompt comes n times with seeds of its own: the
+    first seeds of all prompts first (the same prompts and seeds as with n = 1), then the
+    second seeds, and so on.
     """
+    if seeds_per_prompt < 1:
+        raise ValueError(f"seeds_per_prompt must be >= 1, got {seeds_per_prompt}")
     trigger_word = trigger_word.strip()
     if not trigger_word:
         raise ValueError("preview_prompts needs a non-empty trigger word (the index row's trigger_word)")
@@ -102,14 +112,21 @@ def preview_prompts(
 
     return [
         PreviewPrompt(
-            name=name,
+            name=repeat_name(name, repeat),
             prompt=", ".join([*lead_text, *(tag_to_prompt_text(tag) for tag in content)]),
             negative_prompt=negative_prompt,
-            seed=prompt_seed(name, base_seed),
+            seed=prompt_seed(repeat_name(name, repeat), base_seed),
             expected_tags=content,
+            repeat=repeat,
         )
+        for repeat in range(1, seeds_per_prompt + 1)
         for name, content in specs
     ]
+
+
+def repeat_name(name: str, repeat: int) -> str:
+    """`portrait`, then `portrait_seed2`, `portrait_seed3`, ..."""
+    return name if repeat == 1 else f"{name}_seed{repeat}"
 
 
 def prompt_seed(name: str, base_seed: int) -> int:

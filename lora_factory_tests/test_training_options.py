@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_factory.training.base_model import load_base_model
 from lora_factory.training.config import MANIFEST_NAME, TrainingConfig
@@ -190,6 +191,41 @@ def test_a_compiled_unet_trains_the_same_lora(tiny_sd, examples, tmp_path):
     # How fast a run goes is not what it makes: either can resume the other's interrupted run.
     manifests = [json.loads((tmp_path / name / MANIFEST_NAME).read_text()) for name in ("eager", "compiled")]
     assert manifests[0]["run_hash"] == manifests[1]["run_hash"]
+
+
+class CastCounter(TorchDispatchMode):
+    """Counts dtype casts (`aten._to_copy`): each is a kernel launch on a GPU."""
+
+    casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func.overloadpacket is torch.ops.aten._to_copy
+        return func(*args, **(kwargs or {}))
+
+
+def test_adapters_take_their_inputs_as_autocast_gives_them(tiny_sd, examples):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = load_base_model(tiny_sd, device="cpu", dtype=torch.bfloat16)
+    config = TrainingConfig(rank=4, batch_size=2).resolved(len(examples))  # UNet and text encoder
+    module = LoraTrainingModule(base, CaptionedLatentDataset(examples), config, log=lambda message: None)
+    module.latent_cache.fill(torch.device("cpu"), log=lambda message: None)
+    batch = next(iter(module.train_dataloader()))
+
+    def step() -> tuple[float, int]:
+        counter = CastCounter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), counter:
+            loss = module.training_step(batch, 0).item()
+        return loss, counter.casts
+
+    adapters = [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    assert adapters and not any(layer.cast_input_dtype_enabled for layer in adapters)
+    loss, casts = step()
+    for layer in adapters:
+        layer.cast_input_dtype_enabled = True  # peft's default: the input to the fp32 weights' dtype
+    loss_with_casts, casts_with_casts = step()
+    assert loss == loss_with_casts  # bf16 -> fp32 -> bf16 is exact: the same step
+    assert casts_with_casts - casts >= 2 * len(adapters)  # to fp32 and back, per adapter
 
 
 def test_input_perturbation_changes_the_step_deterministically(tiny_sd, examples):

@@ -104,6 +104,22 @@ class LatentCache:
         return torch.stack([self.latents[(index, flip)] for index, flip in zip(example_ids, flips)])
 
 
+def skip_adapter_input_casts(*models: torch.nn.Module) -> None:
+    """Stop peft casting each adapter's input to its fp32 weights' dtype.
+
+    Training runs either in fp32 (nothing to cast) or under autocast, which computes the
+    adapter in bf16 / fp16 whatever its input: there the cast is an exact round trip
+    (bf16 -> fp32 -> bf16) that costs two kernels per adapter and step, about 700 of the
+    ~4,500 kernels of an SD1.5 step, on GPUs where launching kernels is what limits a step.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+
+
 class LoraTrainingModule(L.LightningModule):
     def __init__(
         self,
@@ -136,6 +152,7 @@ class LoraTrainingModule(L.LightningModule):
             config.conv_rank,
             config.conv_alpha,
         )
+        skip_adapter_input_casts(self.unet, self.text_encoder)
         unet_ids = {id(parameter) for parameter in self.unet.parameters()}
         self.unet_lora_parameters = [p for p in lora_parameters if id(p) in unet_ids]
         self.text_encoder_lora_parameters = [p for p in lora_parameters if id(p) not in unet_ids]

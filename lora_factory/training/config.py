@@ -132,8 +132,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     # torch.compile the UNet (adapters included): fused kernels, far fewer launches. Pays on
     # GPUs where the host cannot launch kernels as fast as the GPU runs them (SD1.5 at 512 px,
-    # batch 8); compiling takes a minute or two at the start of a run, and once more when
-    # bucket shapes start to vary (then they are compiled as dynamic shapes).
+    # batch 8); compiling takes minutes at the start of a run (SD1.5 on an H200: over a minute
+    # and a half), and once more when bucket shapes start to vary (then compiled as dynamic).
     torch_compile: bool = False
     max_grad_norm: float = 1.0
 

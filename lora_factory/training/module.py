@@ -109,8 +109,9 @@ def skip_adapter_input_casts(*models: torch.nn.Module) -> None:
 
     Training runs either in fp32 (nothing to cast) or under autocast, which computes the
     adapter in bf16 / fp16 whatever its input: there the cast is an exact round trip
-    (bf16 -> fp32 -> bf16) that costs two kernels per adapter and step, about 700 of the
-    ~4,500 kernels of an SD1.5 step, on GPUs where launching kernels is what limits a step.
+    (bf16 -> fp32 -> bf16) that costs two kernels per adapter and step: 702 of the 10,381
+    operations an SD1.5 step dispatches (rank 32), on GPUs where launching kernels is what
+    limits a step.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by a piece of the device name.
 # Checked in order: the more specific names first.
@@ -241,7 +242,7 @@ def measure_ours(setup: Setup, resolution: int, images: list[Path], work_dir: Pa
 
     module.to(setup.device)
     batch = next(iter(module.train_dataloader()))
-    flops = count_flops(setup, lambda: module.training_step(batch, 0))
+    flops, operations = count_flops(setup, lambda: module.training_step(batch, 0))
     module.zero_grad(set_to_none=True)
 
     class StepTimer(L.Callback):
@@ -264,6 +265,7 @@ def measure_ours(setup: Setup, resolution: int, images: list[Path], work_dir: Pa
     return {
         "images_per_second": setup.steps * setup.batch_size / seconds,
         "flops_per_step": flops,
+        "operations_per_step": operations,
         "step_seconds": seconds / setup.steps,
         "latent_cache_seconds": cache_seconds,
     }
@@ -351,7 +353,7 @@ def measure_example_style(setup: Setup, resolution: int, images: list[Path], wor
             yield from loader
 
     stream = batches()
-    flops = count_flops(setup, lambda: step(next(stream)), autocast=False)
+    flops, operations = count_flops(setup, lambda: step(next(stream)), autocast=False)
     optimizer.zero_grad(set_to_none=True)
     total_steps = setup.warmup_steps + setup.steps
     started = 0.0
@@ -370,6 +372,7 @@ def measure_example_style(setup: Setup, resolution: int, images: list[Path], wor
     return {
         "images_per_second": setup.steps * setup.batch_size / seconds,
         "flops_per_step": flops,
+        "operations_per_step": operations,
         "step_seconds": seconds / setup.steps,
     }
 
@@ -377,17 +380,31 @@ def measure_example_style(setup: Setup, resolution: int, images: list[Path], wor
 # --- measuring ---------------------------------------------------------------------------
 
 
-def count_flops(setup: Setup, loss_of_one_step, autocast: bool = True) -> int:
-    """FLOPs of one training step (forward and backward), counted by torch's FLOP counter
-    (eagerly: a compiled model's fused kernels are the same arithmetic)."""
+class OperationCounter(TorchDispatchMode):
+    """Counts the operations dispatched: each is host work, and most launch a GPU kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_flops(setup: Setup, loss_of_one_step, autocast: bool = True) -> tuple[int, int]:
+    """(FLOPs, operations) of one training step, forward and backward: FLOPs counted by
+    torch's FLOP counter, operations as dispatched; eagerly (a compiled model's fused
+    kernels are the same arithmetic, in fewer operations)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     dtype = torch.bfloat16 if setup.precision == "bf16-mixed" else None
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-        with torch.autocast(setup.device.type, dtype=dtype, enabled=autocast and dtype is not None):
-            loss = loss_of_one_step()
-        loss.backward()
-    return counter.get_total_flops()
+        with OperationCounter() as operations:
+            with torch.autocast(setup.device.type, dtype=dtype, enabled=autocast and dtype is not None):
+                loss = loss_of_one_step()
+            loss.backward()
+    return counter.get_total_flops(), operations.count
 
 
 def _synchronize(device: torch.device) -> None:
@@ -429,7 +446,8 @@ def print_header(setup: Setup, peak: float | None) -> None:
     )
     print(
         f"{'px':>5} | {'ours img/s':>10} | {'example img/s':>13} | {'speed-up':>8} | "
-        f"{'GFLOP/img ours / example':>24} | {'ours MFU':>8} | {'example MFU':>11} | {'latent cache s':>14}"
+        f"{'GFLOP/img ours / example':>24} | {'ours MFU':>8} | {'example MFU':>11} | {'latent cache s':>14} | "
+        f"{'ops/step ours / example (step us per op)':>40}"
     )
 
 
@@ -451,9 +469,18 @@ def print_row(row: dict, peak: float | None, setup: Setup) -> None:
         f"{example['images_per_second'] if example else float('nan'):>13.2f} | {speedup:>8} | "
         f"{gflops_per_image(ours, setup):>11.1f} / {gflops_per_image(example, setup):<10.1f} | "
         f"{mfu(ours):>8} | {mfu(example):>11} | "
-        f"{ours['latent_cache_seconds'] if ours else float('nan'):>14.2f}",
+        f"{ours['latent_cache_seconds'] if ours else float('nan'):>14.2f} | "
+        f"{operations(ours):>19} / {operations(example):<19}",
         flush=True,
     )
+
+
+def operations(result: dict | None) -> str:
+    """Operations a step dispatches, and the step's time per operation: about the host's
+    cost of one where the GPU waits for the host."""
+    if not result:
+        return "n/a"
+    return f"{result['operations_per_step']} ({result['step_seconds'] / result['operations_per_step'] * 1e6:.1f})"
 
 
 def main(argv: list[str] | None = None) -> int:

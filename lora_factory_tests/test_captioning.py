@@ -84,6 +84,8 @@ def test_seed_caption_end_to_end():
         config=CaptionConfig(fold_generic=True),
     )
     assert result.table["caption"].tolist() == [AFTER] * 4
+    # Prompts take the trigger from here: exactly how every caption starts.
+    assert result.trigger_word == "manhattan cafe \\(umamusume\\)" and AFTER.startswith(result.trigger_word + ",")
     # long_hair and animal_ears are implied by very_long_hair and horse_ears; 1girl and
     # solo fold into the trigger with fold_generic.
     assert set(result.core_tags) == FEATURES - {"long_hair", "animal_ears"} | {"1girl", "solo"}

@@ -75,6 +75,24 @@ def test_a_lora_changes_the_images_and_unloads_cleanly(renderer, lora_file):
     assert all(np.array_equal(a, b) for a, b in zip(base, pixels(renderer.render(None, PROMPTS))))
 
 
+def test_a_fused_lora_draws_what_its_unfused_layers_draw(renderer, lora_file):
+    # `render` adds the LoRA into the weights for speed; run through peft's LoRA layers
+    # instead, the images are the same up to float rounding (at a scale other than 1 too).
+    renderer.lora_scale = 0.5
+    try:
+        fused = pixels(renderer.render(lora_file, PROMPTS))
+        renderer._load_lora(lora_file)
+        try:
+            assert renderer._loaded_lora_layers() > 0
+            unfused = pixels(renderer._render_all(PROMPTS))
+        finally:
+            renderer.pipeline.unload_lora_weights()
+    finally:
+        renderer.lora_scale = 1.0
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(fused, unfused))
+    assert not np.array_equal(fused[0], pixels(renderer.render(lora_file, PROMPTS[:1]))[0])  # the scale counted
+
+
 def test_lora_scale_zero_draws_the_base_model(renderer, lora_file):
     base = pixels(renderer.render(None, PROMPTS[:1]))
     renderer.lora_scale = 0.0

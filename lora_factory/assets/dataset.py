@@ -35,7 +35,6 @@ from lora_factory.bucketing.repeats import (
     describe_rule,
 )
 from lora_factory.captioning.captions import CaptionConfig, caption_dataset
-from lora_factory.captioning.tags import canonical_tag, escape_for_prompt
 from lora_factory.engines import VISION_ON_GPU
 from lora_factory.provenance import frame_hash
 from lora_factory.reporting import contact_sheet_png, markdown_image
@@ -205,7 +204,7 @@ def captions(
             summary_path,
             {
                 # As captions write it, so prompts and the model card use the same words.
-                "trigger_word": escape_for_prompt(canonical_tag(row.trigger), config.remove_underscores),
+                "trigger_word": result.trigger_word,
                 "style": caption_config.style,
                 "core_tags": result.core_tags,
                 "core_share": result.core_share,

@@ -112,6 +112,8 @@ class CaptionResult:
     # frequent outfit tags), folded_tags (pruned into a trigger), trigger (outfit
     # trigger, "" if none)
     clusters: pd.DataFrame
+    # The character's trigger as every caption writes it: what prompts must use, verbatim.
+    trigger_word: str
     tag_frequency: dict[str, int] = field(default_factory=dict)  # caption token -> count
     core_share: dict[str, float] = field(default_factory=dict)  # core tag -> share of crops
 
@@ -134,6 +136,7 @@ def caption_dataset(
     if not trigger_word.strip():
         raise ValueError("trigger_word is empty: set the character's trigger word in the index")
     trigger = canonical_tag(trigger_word)
+    written_trigger = escape_for_prompt(trigger, config.remove_underscores)
 
     scored = [_cleaned_scores(prediction, trigger, config) for prediction in predictions]
     core = core_tags([list(scores) for scores in scored], config.core_threshold, config.is_core_candidate)
@@ -162,7 +165,7 @@ def caption_dataset(
             kept = [t for t in core if t in scores] + [t for t in kept if t not in core_set]
         caption_tags.append(kept)
         outfit_triggers.append(outfit_trigger)
-        words = [escape_for_prompt(trigger, config.remove_underscores)]
+        words = [written_trigger]
         if outfit_trigger:  # one token sequence of its own: underscores kept
             words.append(escape_for_prompt(outfit_trigger, remove_underscores=False))
         words += [escape_for_prompt(t, config.remove_underscores) for t in kept]
@@ -192,7 +195,7 @@ def caption_dataset(
         }
     )
     share = {tag: round(counts[tag] / len(scored), 4) for tag in core}
-    return CaptionResult(table, core, clusters, tag_frequency(captions), share)
+    return CaptionResult(table, core, clusters, written_trigger, tag_frequency(captions), share)
 
 
 def _cleaned_scores(prediction: TagPrediction, trigger: str, config: CaptionConfig) -> dict[str, float]:

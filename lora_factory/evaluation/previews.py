@@ -97,11 +97,15 @@ class PreviewRenderer:
         if lora_path is None:
             return self._render_all(prompts)
         self._load_lora(Path(lora_path))
+        saved = self._fuse_lora()
         try:
             return self._render_all(prompts)
         finally:
-            # Back to the bare base model, so the next checkpoint starts from the same weights.
+            # Back to the bare base model, bit for bit, so the next checkpoint starts from
+            # the same weights (unfusing would subtract the LoRA again and leave rounding).
             self.pipeline.unload_lora_weights()
+            for module, weight in saved:
+                module.weight.data.copy_(weight)
 
     def _load_lora(self, lora_path: Path) -> None:
         if not lora_path.is_file():
@@ -126,15 +130,34 @@ class PreviewRenderer:
             )
         self.pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[self.lora_scale])
 
-    def _loaded_lora_layers(self) -> int:
+    def _lora_layers(self) -> list:
         from peft.tuners.lora import LoraLayer
 
-        return sum(
-            1
+        return [
+            module
             for model in (self.pipeline.unet, self.pipeline.text_encoder)
             for module in model.modules()
             if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
-        )
+        ]
+
+    def _loaded_lora_layers(self) -> int:
+        return len(self._lora_layers())
+
+    def _fuse_lora(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+        """Add the loaded LoRA into the weights it adapts; return those weights as they were.
+
+        Unfused, every adapted module runs its LoRA matrices at every sampling step: on 2
+        CPU cores, 33 demo previews took 11 s with a LoRA against 6.5 s without. Fused, a
+        checkpoint renders as fast as the base model, with the same images up to float
+        rounding. The saved weights (on the CPU, out of the GPU's way) let `render` put
+        the base model back exactly.
+        """
+        saved = [
+            (layer.get_base_layer(), layer.get_base_layer().weight.detach().to("cpu", copy=True))
+            for layer in self._lora_layers()
+        ]
+        self.pipeline.fuse_lora(adapter_names=[ADAPTER_NAME])
+        return saved
 
     @torch.inference_mode()
     def _render_all(self, prompts: Sequence[PreviewPrompt]) -> list[Image.Image]:

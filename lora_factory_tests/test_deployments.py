@@ -14,6 +14,7 @@ from lora_factory.definitions import deployment_resources
 from lora_factory.demo.deployment import (
     DEMO_BASE_MODEL_DIR,
     DEMO_GUIDANCE,
+    DEMO_LR_SCHEDULER,
     DEMO_SAVE_EVERY,
     DEMO_TEXT_ENCODER_LEARNING_RATE,
     DEMO_TRAIN_STEPS,
@@ -128,12 +129,14 @@ def test_only_the_demo_base_models_set_training_and_preview_defaults():
     assert (demo.unet_learning_rate, demo.text_encoder_learning_rate) == (
         DEMO_UNET_LEARNING_RATE, DEMO_TEXT_ENCODER_LEARNING_RATE
     )  # fmt: skip
+    assert demo.lr_scheduler == DEMO_LR_SCHEDULER == "constant"
     assert (DemoBaseModel.defaults.sampling_steps, DemoBaseModel.defaults.guidance) == (20, DEMO_GUIDANCE)
     assert DemoBaseModel.synthetic_demo
     # What a run's settings decide stays decided.
     decided = DemoBaseModel.defaults.training(
-        TrainingConfig(max_train_epochs=3, save_every_n_steps=5, unet_learning_rate=1e-5)
+        TrainingConfig(max_train_epochs=3, save_every_n_steps=5, unet_learning_rate=1e-5, lr_scheduler="cosine")
     )
+    assert decided.lr_scheduler == "cosine"
     assert (decided.max_train_steps, decided.max_train_epochs, decided.save_every_n_steps) == (None, 3, 5)
     assert (decided.unet_learning_rate, decided.text_encoder_learning_rate) == (1e-5, DEMO_TEXT_ENCODER_LEARNING_RATE)
 

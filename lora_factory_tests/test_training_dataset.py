@@ -137,6 +137,8 @@ def test_dataset_size_rules():
     assert (resolved.rank, resolved.alpha) == (8, 4.0)
     assert resolved.max_train_steps == steps_for_dataset(100, 4)
     assert resolved.save_every_n_steps == 200 and resolved.is_resolved
+    assert resolved.lr_scheduler == "cosine"  # undecided: cosine
+    assert TrainingConfig(lr_scheduler="constant").resolved(100).lr_scheduler == "constant"
     explicit = TrainingConfig(rank=16, alpha=4, max_train_steps=50, save_every_n_steps=7).resolved(100)
     assert (explicit.rank, explicit.alpha, explicit.max_train_steps, explicit.save_every_n_steps) == (16, 4, 50, 7)
     assert TrainingConfig().sha256() == TrainingConfig().sha256() != TrainingConfig(seed=1).sha256()
@@ -144,6 +146,7 @@ def test_dataset_size_rules():
 
 def test_config_validation_names_every_problem():
     with pytest.raises(ValueError) as error:
-        TrainingConfig(optimizer="sgd", batch_size=0, caption_dropout=1.5)
+        TrainingConfig(optimizer="sgd", batch_size=0, caption_dropout=1.5, lr_scheduler="linear")
     message = str(error.value)
-    assert "optimizer 'sgd'" in message and "batch_size" in message and "caption_dropout" in message
+    assert "lr_scheduler 'linear'" in message and "optimizer 'sgd'" in message
+    assert "batch_size" in message and "caption_dropout" in message

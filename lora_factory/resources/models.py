@@ -59,6 +59,7 @@ class BaseModelDefaults:
     save_every_n_steps: int | None = None
     unet_learning_rate: float | None = None
     text_encoder_learning_rate: float | None = None
+    lr_scheduler: str | None = None
     conv_rank: int | None = None
     noise_offset: float | None = None
     multires_noise_iterations: int | None = None
@@ -70,11 +71,11 @@ class BaseModelDefaults:
 
     def training(self, config: TrainingConfig) -> TrainingConfig:
         """`config` with these defaults where it leaves the length, the saves, the
-        learning rates, the conv rank or the training noise undecided."""
+        learning rates and their schedule, the conv rank or the training noise undecided."""
         if self.max_train_steps and config.max_train_steps is None and config.max_train_epochs is None:
             config = replace(config, max_train_steps=self.max_train_steps)
         for name in (
-            "save_every_n_steps", "unet_learning_rate", "text_encoder_learning_rate", "conv_rank",
+            "save_every_n_steps", "unet_learning_rate", "text_encoder_learning_rate", "lr_scheduler", "conv_rank",
             "noise_offset", "multires_noise_iterations", "multires_noise_discount",
         ):  # fmt: skip
             if getattr(self, name) and getattr(config, name) is None:

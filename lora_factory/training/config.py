@@ -57,6 +57,7 @@ DEFAULT_MULTIRES_NOISE_DISCOUNT = 0.3  # kohya's
 # last two written in LyCORIS' layout.
 NETWORK_TYPES = ("lora", "loha", "lokr")
 LR_SCHEDULERS = ("constant", "cosine")
+DEFAULT_LR_SCHEDULER = "cosine"
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 
@@ -104,7 +105,7 @@ class TrainingConfig:
     train_text_encoder: bool = True  # kohya's LoRA trains both by default; False: UNet only
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str | None = None  # None: the base model's default, else cosine
     lr_warmup_steps: int = 0
     batch_size: int = 4
     max_train_steps: int | None = None  # None: max_train_epochs, else from the dataset size
@@ -159,7 +160,7 @@ class TrainingConfig:
                 problems.append(f"{name} must be > 0, got {value}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
+        if self.lr_scheduler is not None and self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"lr_scheduler {self.lr_scheduler!r} is not one of {LR_SCHEDULERS}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             problems.append(f"mixed_precision {self.mixed_precision!r} is not one of {MIXED_PRECISIONS}")
@@ -218,6 +219,7 @@ class TrainingConfig:
             max_train_steps=steps,
             max_train_epochs=None,  # now counted in steps
             save_every_n_steps=save_every,
+            lr_scheduler=self.lr_scheduler or DEFAULT_LR_SCHEDULER,
             unet_learning_rate=self.unet_learning_rate or unet_lr,
             text_encoder_learning_rate=self.text_encoder_learning_rate or text_encoder_lr,
             noise_offset=self.noise_offset or 0.0,
@@ -233,6 +235,7 @@ class TrainingConfig:
             self.conv_rank,
             self.max_train_steps,
             self.save_every_n_steps,
+            self.lr_scheduler,
             self.unet_learning_rate,
             self.text_encoder_learning_rate,
             self.noise_offset,

@@ -49,8 +49,8 @@ DEMO_TEXT_ENCODER_LEARNING_RATE = 2e-3
 DEMO_CONV_RANK = 8
 # A cosine schedule spends the last third of 300 steps at a small fraction of the rate;
 # held constant, make demo's LoRAs reached 0.44 / 0.28 / 0.70 / 0.13 fidelity at their
-# chosen steps instead of 0.33 / 0.27 / 0.68 / 0.07, all at step 300 (the best step keeps
-# the late steps honest: a constant rate can overshoot, and the curve shows it).
+# chosen steps instead of 0.33 / 0.27 / 0.68 / 0.07. A constant rate can overshoot late in
+# a run; RecScore's step choice and curve are there for that.
 DEMO_LR_SCHEDULER = "constant"
 DEMO_PREVIEWS_PER_PROMPT = 3
 DEMO_GUIDANCE = 4.0  # what the base model was trained for (10% unconditional captions)

@@ -26,6 +26,7 @@ from lora_factory.assets.cleaning import CleanedCropsFiles
 from lora_factory.assets.evaluation import ChosenModelFiles
 from lora_factory.assets.stage import PartitionBusyError, claim_partition
 from lora_factory.assets.training import LoraCheckpointsFiles
+from lora_factory.demo.deployment import DemoVisionModels
 from lora_factory.provenance import StampBook, damaged_outputs
 from lora_factory.resources import FactoryStorage
 from lora_factory.storage import FactoryStore, read_table, sha256_file
@@ -345,6 +346,27 @@ def test_a_changed_upstream_marks_its_consumers_stale(built, home):
     for name in ("buckets", "lora_checkpoints", "recscore_table", "chosen_model"):
         assert status[name] == StaleStatus.STALE, (name, status)
     assert status["cleaned_crops"] == StaleStatus.FRESH
+
+
+def test_a_model_replaced_under_the_same_name_rebuilds_what_it_decided(built, home, tmp_path):
+    """A tagger at a local path whose files change (another version copied over it) is a
+    new model: the captions it wrote are rebuilt, not trusted; stages that never ran it
+    are reused."""
+    from lora_factory.demo.tiny_models import TINY_MODELS, tiny_registry
+
+    tagger = tmp_path / "my_tagger"
+    shutil.copytree(tiny_registry(tmp_path / "models").resolve(TINY_MODELS["tagger"]), tagger)
+    instance, _ = built
+    models = DemoVisionModels(tagger=str(tagger))
+    assert run_chain(instance, home, vision_models=models).success  # the new name: rebuilt once
+    reused = metadata_by_asset(run_chain(instance, home, vision_models=models))
+    assert reused["captions"]["reused"] is True
+
+    tags = tagger / "selected_tags.csv"
+    tags.write_text(tags.read_text().replace(",0\n", ",1\n"))  # other counts: another version's files
+    metadata = metadata_by_asset(run_chain(instance, home, vision_models=models))
+    assert metadata["captions"]["reused"] is False
+    assert metadata["matched_tags"]["reused"] is True  # tag matching never runs the tagger
 
 
 def test_releases_are_readable_by_others(built):

@@ -207,3 +207,14 @@ def test_character_missing_from_the_index_fails_with_the_fix(factory, tmp_path):
     result = run_chain(instance, tmp_path / "home", partition="not_in_the_index")
     assert not result.success
     assert "not in the index" in failure_message(result)
+
+
+def test_the_readme_preview_strip_is_drawn_from_a_home(factory, tmp_path):
+    from lora_factory.demo.previews_strip import STRIP_CELL, STRIP_PROMPTS, main
+
+    _, home, first, _ = factory
+    assert first.success, failure_message(first)
+    out = tmp_path / "strip.webp"
+    main(["--home", str(home), "--out", str(out)])
+    with Image.open(out) as strip:
+        assert strip.width >= 2 * len(STRIP_PROMPTS) * STRIP_CELL and strip.height >= STRIP_CELL

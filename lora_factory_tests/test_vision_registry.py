@@ -97,6 +97,25 @@ def test_registry_builds_registered_models_and_uses_local_paths_as_they_are(tmp_
     assert registry.spec("tiny-head").defaults["conf_threshold"] == 0.4
 
 
+def test_a_models_files_are_its_own_files_or_everything_at_a_path(tmp_path):
+    registry = tiny_registry(tmp_path / "models", hf_cache_dir=tmp_path / "hf")
+    built = registry.resolve("tiny-tagger")
+    assert registry.files("tiny-tagger") == {
+        "model.onnx": built / "model.onnx", "selected_tags.csv": built / "selected_tags.csv"
+    }
+    (built / "notes.txt").write_text("not part of the model")  # a registry model is its listed files
+    assert set(registry.files("tiny-tagger")) == {"model.onnx", "selected_tags.csv"}
+    assert set(registry.files(built)) == {"model.onnx", "selected_tags.csv", "notes.txt"}  # a path: all of it
+    assert registry.files(str(built / "model.onnx")) == {"model.onnx": built / "model.onnx"}
+
+    spec = ModelSpec("pinned", "someone/detector", ("v1/model.onnx",), kind="detector")
+    registry = ModelRegistry(tmp_path / "models", specs=[spec], hf_cache_dir=tmp_path / "hf")
+    target = tmp_path / "models" / "hub" / "someone" / "detector" / "v1" / "model.onnx"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"weights")
+    assert registry.files("pinned") == {"model.onnx": target}
+
+
 def test_missing_real_model_names_places_and_fetch_command(tmp_path):
     registry = ModelRegistry(tmp_path / "models", hf_cache_dir=tmp_path / "hf")
     with pytest.raises(ModelNotFoundError) as raised:

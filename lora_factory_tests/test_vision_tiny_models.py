@@ -81,6 +81,19 @@ def test_tagger_reads_hair_eyes_features_and_garments(models, character):
         assert {"solo", "1girl" if character.gender == "female" else "1boy"} <= set(picture.general)
 
 
+FRAMING_TAGS = {"picture": "full_body", "half body": "upper_body", "head": "portrait"}
+
+
+@pytest.mark.parametrize("character", DEMO_CHARACTERS, ids=lambda c: c.key)
+def test_tagger_reads_the_framing_as_the_real_tagger_writes_it(models, character):
+    # Captions then name the framing, as the base model's captions and the preview prompts do.
+    for seed, size in enumerate([(700, 600), (768, 512), (512, 768)]):
+        images = framings(character, seed % len(character.outfits), size, seed=seed)
+        for framing, prediction in zip(images, models.tagger.predict(list(images.values())), strict=True):
+            said = set(prediction.general) & set(FRAMING_TAGS.values())
+            assert said == {FRAMING_TAGS[framing]}, (framing, size, prediction.general)
+
+
 def test_tagger_counts_people_and_sees_greyscale(models):
     post = draw_post([(ASH, 0), (LUMI, 0), (KAEDE, 0)], (768, 600), random.Random(3))
     crowd, grey = models.tagger.predict([jpeg(post.image), jpeg(post.image.convert("L"))])
@@ -88,6 +101,7 @@ def test_tagger_counts_people_and_sees_greyscale(models):
     assert {ASH.booru_tag, LUMI.booru_tag, KAEDE.booru_tag} <= set(crowd.character)
     assert {"monochrome", "greyscale"} <= set(grey.general)
     assert not set(grey.general) & set(TAG_COLOURS) and not grey.character
+    assert "full_body" in crowd.general  # the tallest figure's framing
     assert crowd.scores.shape == (len(models.tagger.tag_names),)
 
 

@@ -119,7 +119,7 @@ def series_figures(
     mode = config.keyframe_mode or anime_series.keyframe_mode
     stage = Stage(
         context, storage, SeriesFiguresFiles, config,
-        extra={"episodes": contents, "mode": mode, "models": vision_models.names()},
+        extra={"episodes": contents, "mode": mode, "models": vision_models.versions(storage.store())},
     )  # fmt: skip
     if stage.needs_build():
         built = _build_series_figures(stage, videos, contents, config, mode, vision_models, context.log.info)
@@ -267,7 +267,7 @@ def series_clusters(
 ) -> dg.MaterializeResult:
     stage = Stage(
         context, storage, SeriesClustersFiles, config, reads=(SeriesFiguresFiles,),
-        extra={"identity_model": vision_models.identity},
+        extra={"identity_model": vision_models.versions(storage.store(), ("identity",))},
     )  # fmt: skip
     figures_files = stage.read(SeriesFiguresFiles)
     figures = figures_files.figures()
@@ -348,7 +348,7 @@ def anime_posts(
     references = character_index.reference_paths(row)
     stage = Stage(
         context, storage, AnimePostsFiles, reads=(MatchedTagsFiles,),
-        extra={"series": versions, "identity_model": vision_models.identity,
+        extra={"series": versions, "identity_model": vision_models.versions(storage.store(), ("identity",)),
                "reference_images": [str(p) for p in references]},
     )  # fmt: skip
     if stage.needs_build():

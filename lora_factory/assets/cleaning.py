@@ -117,7 +117,7 @@ def cleaned_crops(
         CleanedCropsFiles,
         config,
         reads=(MatchedTagsFiles, AnimePostsFiles),
-        extra={"models": vision_models.names()},
+        extra={"models": vision_models.versions(storage.store())},
     )
     crops_path = stage.files.table_path()
     drops_path = stage.files.table_path("drops")

@@ -179,7 +179,11 @@ def captions(
         CaptionsFiles,
         config,
         reads=(CleanedCropsFiles,),
-        extra={"tagger": vision_models.tagger, "trigger": row.trigger, "banned": row.banned_tags},
+        extra={
+            "tagger": vision_models.versions(storage.store(), ("tagger",)),
+            "trigger": row.trigger,
+            "banned": row.banned_tags,
+        },
     )
     table_path = stage.files.table_path()
     clusters_path = stage.files.table_path("clusters")
@@ -316,7 +320,7 @@ def buckets(
         extra={
             "base": base_model.source,
             "bucket_step": base_model.defaults.bucket_step,
-            "vision": vision_models.names(),
+            "vision": vision_models.versions(storage.store()),
         },
     )
     artefacts = stage.files.folder
@@ -497,7 +501,7 @@ def _package_meta(
             "code": {"captions": CAPTIONS_CODE_VERSION, "buckets": BUCKETS_CODE_VERSION},
             "upstream_data": stage.upstream_hashes,
             "tagger": summary.tagger,
-            "vision_models": vision_models.names(),
+            "vision_models": vision_models.versions(stage.store),
             "base_model": base_model.source,
         },
     }

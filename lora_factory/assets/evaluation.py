@@ -198,7 +198,7 @@ def recscore_table(
         config,
         reads=(LoraCheckpointsFiles, CaptionsFiles, CleanedCropsFiles),
         extra={
-            "models": vision_models.names(),
+            "models": vision_models.versions(storage.store()),
             "base": base_model.source,
             "row": row.content_hash(),
             "previews_per_prompt": previews_per_prompt(config, base_model),

@@ -152,7 +152,7 @@ def matched_tags(
     reference_paths = character_index.reference_paths(row)
     extra = {"row": row.content_hash()}
     if config.visual_evidence:
-        extra["identity_model"] = vision_models.identity
+        extra["identity_model"] = vision_models.versions(storage.store(), ("identity",))
         extra["reference_images"] = [sha256_file(p) if p.is_file() else str(p) for p in reference_paths]
     stage = Stage(context, storage, MatchedTagsFiles, config, reads=(RawScrapeFiles,), extra=extra)
     table_path = stage.files.table_path()

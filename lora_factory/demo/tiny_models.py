@@ -109,6 +109,11 @@ PRESENCE_RELATIVE_TO = {"hair": "figure", "eyes": "head", "features": "head", "g
 # Hair below the head / hair in the head: 0 for short hair; long hair's locks over the
 # shoulders give >= 0.1 (head crops) to ~0.4 (full figures).
 LONG_HAIR_BELOW_SHARE = 0.04
+# Framing from the share of a figure's height that is head (above its first garment
+# row). Measured on drawn figures: portraits 0.67-0.79 (head crops included), upper
+# bodies 0.39-0.46, full bodies 0.25-0.29; the cuts sit between.
+PORTRAIT_HEAD_SHARE = 0.55
+FULL_BODY_HEAD_SHARE = 0.34
 # Identity feature weights per tag group: core tags define who it is.
 IDENTITY_WEIGHTS = {"hair": 1.0, "eyes": 1.0, "features": 1.0, "garments": 0.3}
 # Measured on drawn crops: same character <= 0.03, different characters >= 0.47. The
@@ -490,7 +495,7 @@ def _confidence(g: _Graph, found: str, evidences: Sequence[str]) -> str:
 def _tagger_tags() -> list[tuple[str, int]]:
     general = list(COLOUR_TAGS) + list(GARMENT_NOUNS)
     general += [
-        "long_hair", "short_hair", "1girl", "1boy", "solo",
+        "long_hair", "short_hair", "1girl", "1boy", "solo", "portrait", "upper_body", "full_body",
         "monochrome", "greyscale", "white_background", "blue_background", "simple_background",
     ]  # fmt: skip
     characters = [c.booru_tag for c in TAGGER_CHARACTERS]
@@ -549,6 +554,16 @@ def _tagger_model() -> bytes:
     colour = g.sub(1.0, monochrome)  # hair is found by its colour
     scores["long_hair"] = g.mul(g.reduce("ReduceMax", g.mul(long_hair, has_hair), [1], keepdims=1), colour)
     scores["short_hair"] = g.mul(g.reduce("ReduceMax", g.mul(g.sub(1.0, long_hair), has_hair), [1], keepdims=1), colour)
+
+    # Framing, as the tallest figure shows it: the share of its height that is head.
+    height = g.mul(g.sub(person["y1"], person["y0"]), is_figure)
+    tallest = g.flag("Equal", height, g.max(g.reduce("ReduceMax", height, [1], keepdims=1), 1.0))
+    head_share = g.div(g.sub(head_end, person["y0"]), g.max(height, 1.0))
+    share = g.reduce("ReduceMax", g.mul(head_share, tallest), [1], keepdims=1)
+    framed = g.flag("Greater", share, 0.0)  # no figure, no framing
+    scores["portrait"] = g.mul(g.sigmoid(g.mul(g.sub(share, PORTRAIT_HEAD_SHARE), 30.0)), framed)
+    scores["full_body"] = g.mul(g.sigmoid(g.mul(g.sub(FULL_BODY_HEAD_SHARE, share), 30.0)), framed)
+    scores["upper_body"] = g.mul(g.min(g.sub(1.0, scores["portrait"]), g.sub(1.0, scores["full_body"])), framed)
 
     girl = g.max(*[scores[noun] for noun in GIRL_GARMENTS])
     boy = g.max(*[scores[noun] for noun in BOY_GARMENTS])

@@ -33,6 +33,22 @@ class VisionModelsResource(dg.ConfigurableResource):
     def names(self) -> dict[str, str]:
         return {role: getattr(self, role) for role in DEFAULT_MODELS}
 
+    def versions(self, store: FactoryStore, roles: tuple[str, ...] = tuple(DEFAULT_MODELS)) -> dict[str, dict]:
+        """Per role, the model's name and the sha256 of its files. Stages keep this in their
+        fingerprints: a model replaced under the same name (a moved revision, other files at
+        a local path, a demo model rebuilt by a newer version) rebuilds what the old one
+        decided instead of trusting it."""
+        registry = self.registry(store)
+        cache = store.root / "cache" / "file_sha256.json"
+        versions = {}
+        for role in roles:
+            files = registry.files(getattr(self, role))
+            versions[role] = {
+                "name": getattr(self, role),
+                "files": {name: cached_sha256(path, cache) for name, path in files.items()},
+            }
+        return versions
+
     def registry(self, store: FactoryStore) -> ModelRegistry:
         """Where the names are looked up; a subclass may register models it builds itself."""
         return ModelRegistry(store.models_dir, offline=self.offline)

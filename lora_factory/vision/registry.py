@@ -193,6 +193,15 @@ class ModelRegistry:
             self._check_sha256(spec, {f: folder / f for f in spec.files})
             return folder
 
+    def files(self, name_or_path: str | Path) -> dict[str, Path]:
+        """The model's files by name: a registry model's own files, every file of a path."""
+        folder = self.resolve(name_or_path)
+        if Path(name_or_path).expanduser().exists():
+            if folder.is_file():
+                return {folder.name: folder}
+            return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {PurePosixPath(f).name: folder / PurePosixPath(f).name for f in self.spec(str(name_or_path)).files}
+
     def _find_hub(self, spec: ModelSpec) -> Path:
         assert spec.repo_id is not None
         manual = self.models_dir / "hub" / spec.repo_id

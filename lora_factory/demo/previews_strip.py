@@ -34,7 +34,8 @@ def previews_strip(store: FactoryStore, keys: list[str]) -> Image.Image:
         labels.append(f"{CaptionsFiles(store, key).summary().trigger_word}, step {step}")
     columns = [f"base: {title}" for title in STRIP_PROMPTS.values()]
     columns += [f"LoRA: {title}" for title in STRIP_PROMPTS.values()]
-    return Image.open(io.BytesIO(image_grid_png(rows, labels, columns, thumb=STRIP_CELL)))
+    # Full size: this picture is a file, not event-log metadata with a byte budget.
+    return Image.open(io.BytesIO(image_grid_png(rows, labels, columns, thumb=STRIP_CELL, max_bytes=1 << 26)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,8 +84,9 @@ def test_a_short_lora_on_the_demo_base_model_learns_its_character(tmp_path):
             seeds_per_prompt=defaults.previews_per_prompt,
         )  # fmt: skip
         renderer = PreviewRenderer(
-            DEMO_BASE_MODEL_DIR, steps=defaults.sampling_steps, guidance=defaults.guidance, device="cpu", batch_size=8
-        )
+            DEMO_BASE_MODEL_DIR, steps=defaults.sampling_steps, guidance=defaults.guidance, device="cpu",
+            batch_size=defaults.preview_batch_size,
+        )  # fmt: skip
         table, _ = score_checkpoints(
             [(c.step, c.path) for c in checkpoints], renderer, prompts, crops, models.identity, models.tagger,
             baseline=True,

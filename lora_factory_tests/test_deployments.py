@@ -10,11 +10,13 @@ import sys
 
 import pytest
 
+from lora_factory.assets.evaluation import EvaluationSettings, preview_batch_size
 from lora_factory.definitions import deployment_resources
 from lora_factory.demo.deployment import (
     DEMO_BASE_MODEL_DIR,
     DEMO_GUIDANCE,
     DEMO_LR_SCHEDULER,
+    DEMO_PREVIEW_BATCH_SIZE,
     DEMO_SAVE_EVERY,
     DEMO_TEXT_ENCODER_LEARNING_RATE,
     DEMO_TRAIN_STEPS,
@@ -139,6 +141,12 @@ def test_only_the_demo_base_models_set_training_and_preview_defaults():
     assert decided.lr_scheduler == "cosine"
     assert (decided.max_train_steps, decided.max_train_epochs, decided.save_every_n_steps) == (None, 3, 5)
     assert (decided.unet_learning_rate, decided.text_encoder_learning_rate) == (1e-5, DEMO_TEXT_ENCODER_LEARNING_RATE)
+    # Previews render 4 at a time (a real model's GPU memory), the demo's 16 (faster on a CPU);
+    # a run's setting wins.
+    assert preview_batch_size(EvaluationSettings(), BaseModelResource()) == 4
+    assert preview_batch_size(EvaluationSettings(), TinyBaseModel()) == 4
+    assert preview_batch_size(EvaluationSettings(), DemoBaseModel()) == DEMO_PREVIEW_BATCH_SIZE == 16
+    assert preview_batch_size(EvaluationSettings(preview_batch_size=2), DemoBaseModel()) == 2
 
 
 def test_the_demo_base_model_is_the_shipped_one(tmp_path, monkeypatch):

@@ -51,6 +51,7 @@ from lora_factory.storage import atomic_write_bytes, read_table, write_table
 GENDER_TAGS = {"female": "1girl", "male": "1boy", "other": "solo"}
 DEFAULT_SAMPLING_STEPS = 20
 DEFAULT_GUIDANCE = 7.0
+DEFAULT_PREVIEW_BATCH_SIZE = 4
 
 
 class EvaluationSettings(dg.Config):
@@ -61,6 +62,9 @@ class EvaluationSettings(dg.Config):
     # Seeds per preview prompt; 0: the base model deployment's default (1 for a real model).
     # More make fidelity steadier (one preview in 11 moves it by ~0.1) and rendering longer.
     previews_per_prompt: int = 0
+    # Previews rendered at once; 0: the base model deployment's default (4 for a real model).
+    # The images differ by float rounding between batch sizes, so changing it re-renders.
+    preview_batch_size: int = 0
     lora_scale: float = 1.0
     base_seed: int = 42
     beta: float = DEFAULT_BETA
@@ -82,6 +86,10 @@ def _prompts(captioned: CaptionsFiles, gender: str, config: EvaluationSettings, 
 
 def previews_per_prompt(config: EvaluationSettings, base_model: BaseModelResource) -> int:
     return config.previews_per_prompt or base_model.defaults.previews_per_prompt or 1
+
+
+def preview_batch_size(config: EvaluationSettings, base_model: BaseModelResource) -> int:
+    return config.preview_batch_size or base_model.defaults.preview_batch_size or DEFAULT_PREVIEW_BATCH_SIZE
 
 
 def first_seeds(prompts: Sequence[PreviewPrompt]) -> list[PreviewPrompt]:
@@ -202,6 +210,7 @@ def recscore_table(
             "base": base_model.source,
             "row": row.content_hash(),
             "previews_per_prompt": previews_per_prompt(config, base_model),
+            "preview_batch_size": preview_batch_size(config, base_model),
         },
     )
     table_path = stage.files.table_path()
@@ -223,6 +232,7 @@ def recscore_table(
                 guidance=config.guidance or base_model.defaults.guidance or DEFAULT_GUIDANCE,
                 lora_scale=config.lora_scale,
                 clip_skip=base_model.clip_skip,
+                batch_size=preview_batch_size(config, base_model),
                 device=device,
             )
             table, previews = score_checkpoints(

@@ -53,6 +53,9 @@ DEMO_CONV_RANK = 8
 # a run; RecScore's step choice and curve are there for that.
 DEMO_LR_SCHEDULER = "constant"
 DEMO_PREVIEWS_PER_PROMPT = 3
+# On a CPU this small model renders faster in bigger batches: 30 previews on 2 cores took
+# 9.6-16.4 s (median 14.4) 4 at a time, 6.9-7.4 s 16 at a time, 6.5-11.1 s 33 at a time.
+DEMO_PREVIEW_BATCH_SIZE = 16
 DEMO_GUIDANCE = 4.0  # what the base model was trained for (10% unconditional captions)
 
 
@@ -117,6 +120,7 @@ class DemoBaseModel(BaseModelResource):
         # Rendering is cheap here (~0.15 s a preview): three seeds a prompt make fidelity
         # move in steps of ~0.03 instead of ~0.1, so the chosen step is not a coin toss.
         previews_per_prompt=DEMO_PREVIEWS_PER_PROMPT,
+        preview_batch_size=DEMO_PREVIEW_BATCH_SIZE,
         # Its sides go in steps of 32 px (SD1.5's: 64): at 128 px, steps of 64 leave
         # tall crops two shapes, 64x192 or a square, and cut a third off most of them.
         bucket_step=BUCKET_STEP,

@@ -69,7 +69,8 @@ class VisionModelsResource(dg.ConfigurableResource):
 class BaseModelDefaults:
     """What training and previews use for the settings a run leaves undecided (None: their
     usual rule: training length by dataset size, the optimizer's learning rates, 20
-    sampling steps, guidance 7, one preview per prompt, kohya's bucket step of 64 px)."""
+    sampling steps, guidance 7, one preview per prompt, previews rendered 4 at a time,
+    kohya's bucket step of 64 px)."""
 
     max_train_steps: int | None = None
     save_every_n_steps: int | None = None
@@ -83,6 +84,7 @@ class BaseModelDefaults:
     sampling_steps: int | None = None
     guidance: float | None = None
     previews_per_prompt: int | None = None
+    preview_batch_size: int | None = None
     bucket_step: int | None = None
 
     def training(self, config: TrainingConfig) -> TrainingConfig:

@@ -20,6 +20,7 @@ from lora_factory.demo.drawing import draw_post
 from lora_factory.provenance import StampBook, record_files
 from lora_factory.resources import FactoryStorage
 from lora_factory.storage import FactoryStore, read_table, write_table
+from lora_factory.vision.registry import DEFAULT_MODELS
 
 CHARACTER = "ash_ember_knights"
 PICTURES = 12  # 6 per outfit
@@ -141,6 +142,9 @@ def test_buckets_write_the_training_folder_config_frequencies_and_package(runs):
     versions = package_meta["versions"]
     assert versions["tagger"]["model"] == "tiny-tagger" and len(versions["tagger"]["model_sha256"]) == 64
     assert versions["code"] == {"captions": "3", "buckets": "3"}
+    # Every vision model that decided what is in the package, with its files' sha256.
+    assert set(versions["vision_models"]) == set(DEFAULT_MODELS)
+    assert all(len(sha) == 64 for role in versions["vision_models"].values() for sha in role["files"].values())
 
 
 def test_unchanged_inputs_are_reused_and_a_new_style_rebuilds(runs):

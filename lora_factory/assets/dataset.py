@@ -311,6 +311,7 @@ def buckets(
     base_model: BaseModelResource,
     vision_models: VisionModelsResource,
 ) -> dg.MaterializeResult:
+    vision_versions = vision_models.versions(storage.store())
     stage = Stage(
         context,
         storage,
@@ -320,7 +321,7 @@ def buckets(
         extra={
             "base": base_model.source,
             "bucket_step": base_model.defaults.bucket_step,
-            "vision": vision_models.versions(storage.store()),
+            "vision": vision_versions,
         },
     )
     artefacts = stage.files.folder
@@ -383,7 +384,7 @@ def buckets(
             config_path, Path(dataset_dir.name), stage.key, table["repeats"], bucketing.settings(), config.batch_size
         )
         atomic_write_json(frequency_path, folder_tag_frequency(rows, stage.key))
-        meta = _package_meta(stage, captioned, config, table, base_model, vision_models, bucketing, plan, steps)
+        meta = _package_meta(stage, captioned, config, table, base_model, vision_versions, bucketing, plan, steps)
         atomic_write_json(meta_path, meta)
         write_dataset_package(
             package_path,
@@ -451,7 +452,7 @@ def _package_meta(
     config: BucketSettings,
     table: pd.DataFrame,
     base_model: BaseModelResource,
-    vision_models: VisionModelsResource,
+    vision_versions: dict[str, dict],
     bucketing: KohyaBuckets,
     plan: RepeatPlan,
     steps_per_epoch: int,
@@ -501,7 +502,7 @@ def _package_meta(
             "code": {"captions": CAPTIONS_CODE_VERSION, "buckets": BUCKETS_CODE_VERSION},
             "upstream_data": stage.upstream_hashes,
             "tagger": summary.tagger,
-            "vision_models": vision_models.versions(stage.store),
+            "vision_models": vision_versions,
             "base_model": base_model.source,
         },
     }

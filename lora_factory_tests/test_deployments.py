@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
-from lora_factory.assets.evaluation import EvaluationSettings, preview_batch_size
+from lora_factory.assets.evaluation import EvaluationSettings, PreviewSettings, preview_settings
 from lora_factory.definitions import deployment_resources
 from lora_factory.demo.deployment import (
     DEMO_BASE_MODEL_DIR,
     DEMO_GUIDANCE,
     DEMO_LR_SCHEDULER,
+    DEMO_PREVIEWS_PER_PROMPT,
     DEMO_PREVIEW_BATCH_SIZE,
     DEMO_SAVE_EVERY,
     DEMO_TEXT_ENCODER_LEARNING_RATE,
@@ -141,12 +142,25 @@ def test_only_the_demo_base_models_set_training_and_preview_defaults():
     assert decided.lr_scheduler == "cosine"
     assert (decided.max_train_steps, decided.max_train_epochs, decided.save_every_n_steps) == (None, 3, 5)
     assert (decided.unet_learning_rate, decided.text_encoder_learning_rate) == (1e-5, DEMO_TEXT_ENCODER_LEARNING_RATE)
-    # Previews render 4 at a time (a real model's GPU memory), the demo's 16 (faster on a CPU);
-    # a run's setting wins.
-    assert preview_batch_size(EvaluationSettings(), BaseModelResource()) == 4
-    assert preview_batch_size(EvaluationSettings(), TinyBaseModel()) == 4
-    assert preview_batch_size(EvaluationSettings(), DemoBaseModel()) == DEMO_PREVIEW_BATCH_SIZE == 16
-    assert preview_batch_size(EvaluationSettings(preview_batch_size=2), DemoBaseModel()) == 2
+    # Previews: a real model's at the usual settings (4 at a time for its GPU memory), the
+    # demo's at its base model's guidance, 3 seeds a prompt, 16 at a time (faster on a CPU);
+    # what a run's settings decide wins.
+    assert preview_settings(EvaluationSettings(), BaseModelResource()) == PreviewSettings(
+        sampling_steps=20, guidance=7.0, previews_per_prompt=1, batch_size=4, lora_scale=1.0, clip_skip=2
+    )
+    assert preview_settings(EvaluationSettings(), TinyBaseModel()).sampling_steps == 8
+    assert preview_settings(EvaluationSettings(), DemoBaseModel()) == PreviewSettings(
+        sampling_steps=20, guidance=DEMO_GUIDANCE, previews_per_prompt=DEMO_PREVIEWS_PER_PROMPT,
+        batch_size=DEMO_PREVIEW_BATCH_SIZE,
+        lora_scale=1.0, clip_skip=2,
+    )  # fmt: skip
+    run_settings = EvaluationSettings(sampling_steps=30, guidance=5.5, previews_per_prompt=2, preview_batch_size=2)
+    assert preview_settings(run_settings, DemoBaseModel()) == PreviewSettings(
+        sampling_steps=30, guidance=5.5, previews_per_prompt=2, batch_size=2, lora_scale=1.0, clip_skip=2
+    )
+    assert preview_settings(run_settings, DemoBaseModel()).describe() == (
+        "DPM++ 2M, 30 steps, guidance 5.5, clip skip 2, LoRA strength 1, 2 seeds a prompt"
+    )
 
 
 def test_the_demo_base_model_is_the_shipped_one(tmp_path, monkeypatch):

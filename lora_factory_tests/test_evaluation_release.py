@@ -54,6 +54,7 @@ def test_release_folder_holds_lora_card_pictures_and_metadata(tmp_path, release_
     release = write_release(
         tmp_path / "release", **release_inputs,
         prompts=preview_prompts("ash_ember_knights", ["red_hair"], [["navy_jacket"]]), synthetic_demo=True,
+        preview_rendering="DPM++ 2M, 20 steps, guidance 4, clip skip 2, LoRA strength 1, 3 seeds a prompt",
     )
     assert sorted(path.name for path in release.iterdir()) == [
         "README.md", "ash_ember_knights.safetensors", "meta.json", "metrics.png", "previews.png"
@@ -68,6 +69,8 @@ def test_release_folder_holds_lora_card_pictures_and_metadata(tmp_path, release_
     assert "beta = 3" in card  # the selection rule
     assert "| 200 | 0.900 | 0.500 | – | " in card and "**chosen**" in card
     assert "Demo build" in card
+    # How the previews were rendered, so a user can render the same.
+    assert "fixed seed (DPM++ 2M, 20 steps, guidance 4, clip skip 2, LoRA strength 1, 3 seeds a prompt)" in card
     assert "アッシュ" in card and "outfit_cluster_0" in card
     assert "/somewhere" not in card  # checkpoint paths of the factory never leak into the card
     # The file links its pictures relatively; the UI's copy has them inline.

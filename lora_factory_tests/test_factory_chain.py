@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -15,11 +16,11 @@ from safetensors import safe_open
 from lora_factory.assets.anime import anime_posts, series_clusters, series_figures
 from lora_factory.assets.cleaning import cleaned_crops
 from lora_factory.assets.dataset import buckets, captions
-from lora_factory.assets.evaluation import chosen_model, recscore_table
+from lora_factory.assets.evaluation import EvaluationSettings, chosen_model, preview_settings, recscore_table
 from lora_factory.assets.index import character_index
 from lora_factory.assets.scraping import matched_tags, raw_scrape
 from lora_factory.assets.training import lora_checkpoints
-from lora_factory.demo.deployment import TINY_BASE_MODEL, DemoVisionModels, demo_resources
+from lora_factory.demo.deployment import TINY_BASE_MODEL, DemoVisionModels, TinyBaseModel, demo_resources
 from lora_factory.resources import FactoryStorage, ImageSites, SiteConfig
 from lora_factory.storage import read_table
 
@@ -133,6 +134,11 @@ def test_full_chain_builds_a_release(factory):
     assert card.count("data:image/webp;base64,") == 2 and "(previews.png)" not in card
     assert "(previews.png)" in (release / "README.md").read_text()
     assert chosen["trigger_word"] == "ash ek" and "`ash ek`" in card
+    # How the previews were rendered: in the UI, the card and meta.json (the tiny model's 8 steps).
+    rendering = preview_settings(EvaluationSettings(), TinyBaseModel())
+    assert metadata["recscore_table"]["preview_rendering"] == rendering.describe()
+    assert rendering.describe().startswith("DPM++ 2M, 8 steps, guidance 7,") and rendering.describe() in card
+    assert meta["provenance"]["preview_settings"] == dataclasses.asdict(rendering)
 
 
 def test_second_run_reuses_everything(factory):
@@ -169,6 +175,23 @@ def test_more_previews_per_prompt_score_every_seed_and_show_one_column_per_promp
     result = run_chain(instance, home, selection=[recscore_table])
     assert result.success, failure_message(result)
     assert sorted(path.name for path in first_step.iterdir()) == one_seed
+
+
+def test_a_changed_deployment_default_re_renders_the_previews(factory, monkeypatch):
+    # A base model deployment's preview defaults are code, not run config: a run that
+    # leaves them undecided must still notice when they change.
+    instance, home, _, _ = factory
+    monkeypatch.setattr(TinyBaseModel, "defaults", dataclasses.replace(TinyBaseModel.defaults, guidance=5.0))
+    result = run_chain(instance, home, selection=[recscore_table, chosen_model])
+    assert result.success, failure_message(result)
+    metadata = metadata_by_asset(result)
+    assert not metadata["recscore_table"]["reused"] and not metadata["chosen_model"]["reused"]
+    assert ", guidance 5," in metadata["recscore_table"]["preview_rendering"]
+    assert ", guidance 5," in (home / "releases" / CHARACTER / "README.md").read_text()
+    monkeypatch.undo()
+    result = run_chain(instance, home, selection=[recscore_table, chosen_model])
+    assert result.success, failure_message(result)
+    assert ", guidance 7," in metadata_by_asset(result)["recscore_table"]["preview_rendering"]
 
 
 def event_sizes(result) -> dict[str, int]:

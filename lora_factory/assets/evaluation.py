@@ -6,6 +6,7 @@ torch and diffusers are imported inside the asset (see assets/dataset.py for why
 import io
 import shutil
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import dagster as dg
 import pandas as pd
@@ -80,16 +81,45 @@ def _prompts(captioned: CaptionsFiles, gender: str, config: EvaluationSettings, 
         [list(tags) for tags in clusters.sort_values("cluster")["tags"]],
         gender_tag=GENDER_TAGS[gender],
         base_seed=config.base_seed,
-        seeds_per_prompt=previews_per_prompt(config, base_model),
+        seeds_per_prompt=preview_settings(config, base_model).previews_per_prompt,
     )
 
 
-def previews_per_prompt(config: EvaluationSettings, base_model: BaseModelResource) -> int:
-    return config.previews_per_prompt or base_model.defaults.previews_per_prompt or 1
+@dataclass(frozen=True)
+class PreviewSettings:
+    """How previews are rendered: each setting from the run's config, else the base model
+    deployment's default, else the usual value. Part of recscore_table's fingerprint (a
+    changed default re-renders) and of the release (so a user can render the same)."""
+
+    sampling_steps: int
+    guidance: float
+    previews_per_prompt: int
+    batch_size: int
+    lora_scale: float
+    clip_skip: int
+
+    def describe(self) -> str:
+        """`DPM++ 2M, 20 steps, guidance 7, clip skip 2, LoRA strength 1, 1 seed a prompt`."""
+        # Imported here: the previews module imports torch, which definitions must not load.
+        from lora_factory.evaluation.previews import PREVIEW_SAMPLER
+
+        seeds = f"{self.previews_per_prompt} seed{'s' if self.previews_per_prompt > 1 else ''} a prompt"
+        return (
+            f"{PREVIEW_SAMPLER}, {self.sampling_steps} steps, guidance {self.guidance:g}, clip skip {self.clip_skip}, "
+            f"LoRA strength {self.lora_scale:g}, {seeds}"
+        )
 
 
-def preview_batch_size(config: EvaluationSettings, base_model: BaseModelResource) -> int:
-    return config.preview_batch_size or base_model.defaults.preview_batch_size or DEFAULT_PREVIEW_BATCH_SIZE
+def preview_settings(config: EvaluationSettings, base_model: BaseModelResource) -> PreviewSettings:
+    defaults = base_model.defaults
+    return PreviewSettings(
+        sampling_steps=config.sampling_steps or defaults.sampling_steps or DEFAULT_SAMPLING_STEPS,
+        guidance=config.guidance or defaults.guidance or DEFAULT_GUIDANCE,
+        previews_per_prompt=config.previews_per_prompt or defaults.previews_per_prompt or 1,
+        batch_size=config.preview_batch_size or defaults.preview_batch_size or DEFAULT_PREVIEW_BATCH_SIZE,
+        lora_scale=config.lora_scale,
+        clip_skip=base_model.clip_skip,
+    )
 
 
 def first_seeds(prompts: Sequence[PreviewPrompt]) -> list[PreviewPrompt]:
@@ -199,6 +229,7 @@ def recscore_table(
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
     row = character_index.row(context.partition_key)
+    settings = preview_settings(config, base_model)
     stage = Stage(
         context,
         storage,
@@ -209,8 +240,7 @@ def recscore_table(
             "models": vision_models.versions(storage.store()),
             "base": base_model.source,
             "row": row.content_hash(),
-            "previews_per_prompt": previews_per_prompt(config, base_model),
-            "preview_batch_size": preview_batch_size(config, base_model),
+            "previews": asdict(settings),
         },
     )
     table_path = stage.files.table_path()
@@ -228,11 +258,11 @@ def recscore_table(
         with claimed_device(stage.store.root / "locks" / "gpu", log=context.log.info) as device:
             renderer = PreviewRenderer(
                 base_model.resolve(stage.store),
-                steps=config.sampling_steps or base_model.defaults.sampling_steps or DEFAULT_SAMPLING_STEPS,
-                guidance=config.guidance or base_model.defaults.guidance or DEFAULT_GUIDANCE,
-                lora_scale=config.lora_scale,
-                clip_skip=base_model.clip_skip,
-                batch_size=preview_batch_size(config, base_model),
+                steps=settings.sampling_steps,
+                guidance=settings.guidance,
+                lora_scale=settings.lora_scale,
+                clip_skip=settings.clip_skip,
+                batch_size=settings.batch_size,
                 device=device,
             )
             table, previews = score_checkpoints(
@@ -293,6 +323,7 @@ def recscore_table(
             ),
             "best_step": int(best),
             "best_score": rounded(table["score"].max()),
+            "preview_rendering": settings.describe(),
             "previews_dir": dg.MetadataValue.path(stage.files.relative(out_dir)),
         },
         pictures={
@@ -320,13 +351,14 @@ def chosen_model(
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
     row = character_index.row(context.partition_key)
+    settings = preview_settings(config, base_model)
     stage = Stage(
         context,
         storage,
         ChosenModelFiles,
         config,
         reads=(RecscoreFiles, LoraCheckpointsFiles, CaptionsFiles),
-        extra={"row": row.content_hash(), "base": base_model.source},
+        extra={"row": row.content_hash(), "base": base_model.source, "previews": asdict(settings)},
     )
     release_dir = stage.files.release_dir
     scores = stage.read(RecscoreFiles)
@@ -352,9 +384,11 @@ def chosen_model(
                     for key, version in context.assets_def.code_versions_by_key.items()
                 },
                 "preview_base_seed": config.base_seed,
+                "preview_settings": asdict(settings),
             },
             beta=config.beta,
             prompts=prompts,
+            preview_rendering=settings.describe(),
             synthetic_demo=base_model.synthetic_demo,
         )
         stage.finish(f"{step}:{stage.upstream_hashes['recscore_table']}", {"step": step})

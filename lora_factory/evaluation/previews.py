@@ -26,6 +26,7 @@ from lora_factory.training.base_model import (
 )
 
 ADAPTER_NAME = "preview"
+PREVIEW_SAMPLER = "DPM++ 2M"  # DPMSolverMultistepScheduler: what A1111 users preview with
 
 
 class PreviewRenderer:
@@ -81,7 +82,7 @@ class PreviewRenderer:
             text_encoder=base.text_encoder,
             tokenizer=base.tokenizer,
             unet=base.unet,
-            # DPM++ 2M: the sampler A1111 users preview with; good images in few steps.
+            # Good images in few steps.
             scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
             safety_checker=None,
             feature_extractor=None,

@@ -56,6 +56,7 @@ def write_release(
     beta: float = DEFAULT_BETA,
     artefact_gate: float | None = None,
     prompts: Sequence[PreviewPrompt] | None = None,
+    preview_rendering: str = "",
     synthetic_demo: bool = False,
 ) -> Path:
     """Write (or refresh) the release folder for `character` and return its path.
@@ -63,6 +64,7 @@ def write_release(
     `table` is the RecScore table (step, path, fidelity, prompt_following, artefact,
     score); `step` must be one of its steps. `provenance` is any JSON-serialisable
     mapping (code version, data versions, seeds) copied into meta.json and the card.
+    `preview_rendering` says how the previews were rendered (sampler, steps, guidance...).
     `synthetic_demo` marks a release trained on the demo's synthetic data and tiny models.
     """
     release_dir = Path(release_dir)
@@ -114,6 +116,7 @@ def write_release(
         character=character, lora_file=lora_file, lora_sha256=lora_sha256, step=int(step),
         trigger_word=trigger_word, core_tags=core_tags, base_model=base_model, rows=rows,
         rule=rule, prompts=prompts or [], provenance=provenance_json, synthetic_demo=synthetic_demo,
+        preview_rendering=preview_rendering,
     )
     _write_if_changed(release_dir / PREVIEWS_FILE, previews_grid_png)
     _write_if_changed(release_dir / METRICS_FILE, metrics_png)
@@ -137,6 +140,7 @@ def model_card(
     prompts: Sequence[PreviewPrompt],
     provenance: Mapping[str, Any],
     synthetic_demo: bool,
+    preview_rendering: str = "",
 ) -> str:
     """The release's README.md (markdown)."""
     stem = Path(lora_file).stem
@@ -179,7 +183,9 @@ def model_card(
         "",
         "## Previews",
         "",
-        "Every checkpoint renders the same preview prompts, each with its own fixed seed; *no LoRA* is the base model.",
+        "Every checkpoint renders the same preview prompts, each with its own fixed seed"
+        + (f" ({preview_rendering})" if preview_rendering else "")
+        + "; *no LoRA* is the base model.",
         "",
         f"![previews]({PREVIEWS_FILE})",
         "",

@@ -146,17 +146,18 @@ def test_only_the_demo_base_models_set_training_and_preview_defaults():
     # demo's at its base model's guidance, 3 seeds a prompt, 16 at a time (faster on a CPU);
     # what a run's settings decide wins.
     assert preview_settings(EvaluationSettings(), BaseModelResource()) == PreviewSettings(
-        sampling_steps=20, guidance=7.0, previews_per_prompt=1, batch_size=4, lora_scale=1.0, clip_skip=2
+        sampling_steps=20, guidance=7.0, previews_per_prompt=1, batch_size=4, lora_scale=1.0, clip_skip=2, base_seed=42
     )
     assert preview_settings(EvaluationSettings(), TinyBaseModel()).sampling_steps == 8
     assert preview_settings(EvaluationSettings(), DemoBaseModel()) == PreviewSettings(
         sampling_steps=20, guidance=DEMO_GUIDANCE, previews_per_prompt=DEMO_PREVIEWS_PER_PROMPT,
-        batch_size=DEMO_PREVIEW_BATCH_SIZE,
-        lora_scale=1.0, clip_skip=2,
+        batch_size=DEMO_PREVIEW_BATCH_SIZE, lora_scale=1.0, clip_skip=2, base_seed=42,
     )  # fmt: skip
-    run_settings = EvaluationSettings(sampling_steps=30, guidance=5.5, previews_per_prompt=2, preview_batch_size=2)
+    run_settings = EvaluationSettings(
+        sampling_steps=30, guidance=5.5, previews_per_prompt=2, preview_batch_size=2, base_seed=7
+    )
     assert preview_settings(run_settings, DemoBaseModel()) == PreviewSettings(
-        sampling_steps=30, guidance=5.5, previews_per_prompt=2, batch_size=2, lora_scale=1.0, clip_skip=2
+        sampling_steps=30, guidance=5.5, previews_per_prompt=2, batch_size=2, lora_scale=1.0, clip_skip=2, base_seed=7
     )
     assert preview_settings(run_settings, DemoBaseModel()).describe() == (
         "DPM++ 2M, 30 steps, guidance 5.5, clip skip 2, LoRA strength 1, 2 seeds a prompt"

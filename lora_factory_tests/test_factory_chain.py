@@ -179,19 +179,40 @@ def test_more_previews_per_prompt_score_every_seed_and_show_one_column_per_promp
 
 def test_a_changed_deployment_default_re_renders_the_previews(factory, monkeypatch):
     # A base model deployment's preview defaults are code, not run config: a run that
-    # leaves them undecided must still notice when they change.
+    # leaves them undecided must still notice when they change, and the release must say
+    # what the previews were rendered with.
     instance, home, _, _ = factory
+    card = home / "releases" / CHARACTER / "README.md"
     monkeypatch.setattr(TinyBaseModel, "defaults", dataclasses.replace(TinyBaseModel.defaults, guidance=5.0))
-    result = run_chain(instance, home, selection=[recscore_table, chosen_model])
+    try:
+        result = run_chain(instance, home, selection=[recscore_table, chosen_model])
+        assert result.success, failure_message(result)
+        metadata = metadata_by_asset(result)
+        assert not metadata["recscore_table"]["reused"] and not metadata["chosen_model"]["reused"]
+        assert ", guidance 5," in card.read_text()
+    finally:
+        monkeypatch.undo()
+        result = run_chain(instance, home, selection=[recscore_table, chosen_model])
     assert result.success, failure_message(result)
     metadata = metadata_by_asset(result)
     assert not metadata["recscore_table"]["reused"] and not metadata["chosen_model"]["reused"]
-    assert ", guidance 5," in metadata["recscore_table"]["preview_rendering"]
-    assert ", guidance 5," in (home / "releases" / CHARACTER / "README.md").read_text()
-    monkeypatch.undo()
-    result = run_chain(instance, home, selection=[recscore_table, chosen_model])
+    assert ", guidance 7," in card.read_text()
+
+
+def test_the_release_describes_the_previews_recscore_table_rendered(factory):
+    # chosen_model takes the prompts and settings from what recscore_table rendered, not
+    # from its own config: the card cannot describe previews that were never made.
+    instance, home, _, _ = factory
+    config = {"ops": {"recscore_table": {"config": {"sampling_steps": 6}}}}
+    try:
+        result = run_chain(instance, home, selection=[recscore_table, chosen_model], run_config=config)
+        assert result.success, failure_message(result)
+        meta = json.loads((home / "releases" / CHARACTER / "meta.json").read_text())
+        assert meta["provenance"]["preview_settings"]["sampling_steps"] == 6
+        assert "DPM++ 2M, 6 steps," in (home / "releases" / CHARACTER / "README.md").read_text()
+    finally:
+        result = run_chain(instance, home, selection=[recscore_table, chosen_model])
     assert result.success, failure_message(result)
-    assert ", guidance 7," in metadata_by_asset(result)["recscore_table"]["preview_rendering"]
 
 
 def event_sizes(result) -> dict[str, int]:

@@ -16,9 +16,9 @@ from lora_factory.assets.cleaning import CleanedCropsFiles, cleaned_crops
 from lora_factory.assets.dataset import CaptionsFiles, captions
 from lora_factory.assets.index import character_index
 from lora_factory.assets.metadata import rounded, table_metadata
-from lora_factory.assets.stage import AssetFiles, Stage, character_asset
+from lora_factory.assets.stage import AssetFiles, Stage, UpstreamError, character_asset
 from lora_factory.assets.training import LoraCheckpointsFiles, lora_checkpoints
-from lora_factory.evaluation.prompts import PreviewPrompt, preview_prompts
+from lora_factory.evaluation.prompts import PREVIEW_SAMPLER, PreviewPrompt, preview_prompts
 from lora_factory.evaluation.recscore import score_checkpoints
 from lora_factory.evaluation.release import (
     METRICS_FILE,
@@ -33,7 +33,7 @@ from lora_factory.evaluation.selection import (
     choose_step,
     selection_rule_text,
 )
-from lora_factory.provenance import frame_hash
+from lora_factory.provenance import fingerprint, frame_hash
 from lora_factory.reporting import (
     data_uri,
     image_grid_png,
@@ -56,7 +56,8 @@ DEFAULT_PREVIEW_BATCH_SIZE = 4
 
 
 class EvaluationSettings(dg.Config):
-    """Preview rendering and step selection (CyberHarem's F-beta rule, beta 3)."""
+    """Preview rendering and step selection (CyberHarem's F-beta rule, beta 3). chosen_model
+    publishes the previews recscore_table rendered, with the settings it recorded."""
 
     sampling_steps: int = 0  # 0: the base model deployment's default (20 for a real model)
     guidance: float = 0.0  # 0: the base model deployment's default (7 for a real model)
@@ -71,25 +72,12 @@ class EvaluationSettings(dg.Config):
     beta: float = DEFAULT_BETA
 
 
-def _prompts(captioned: CaptionsFiles, gender: str, config: EvaluationSettings, base_model: BaseModelResource):
-    """(trigger word, core tags, preview prompts) from what captions decided."""
-    summary = captioned.summary()
-    clusters = captioned.clusters()
-    return summary.trigger_word, summary.core_tags, preview_prompts(
-        summary.trigger_word,
-        summary.core_tags,
-        [list(tags) for tags in clusters.sort_values("cluster")["tags"]],
-        gender_tag=GENDER_TAGS[gender],
-        base_seed=config.base_seed,
-        seeds_per_prompt=preview_settings(config, base_model).previews_per_prompt,
-    )
-
-
 @dataclass(frozen=True)
 class PreviewSettings:
-    """How previews are rendered: each setting from the run's config, else the base model
-    deployment's default, else the usual value. Part of recscore_table's fingerprint (a
-    changed default re-renders) and of the release (so a user can render the same)."""
+    """How recscore_table renders previews: each setting from the run's config, else the base
+    model deployment's default, else the usual value. Part of its fingerprint (a changed
+    default re-renders) and of its stamp, from which chosen_model takes the prompts and
+    writes the settings into the release (so a user can render the same)."""
 
     sampling_steps: int
     guidance: float
@@ -97,12 +85,10 @@ class PreviewSettings:
     batch_size: int
     lora_scale: float
     clip_skip: int
+    base_seed: int  # the prompts' seeds derive from it
 
     def describe(self) -> str:
         """`DPM++ 2M, 20 steps, guidance 7, clip skip 2, LoRA strength 1, 1 seed a prompt`."""
-        # Imported here: the previews module imports torch, which definitions must not load.
-        from lora_factory.evaluation.previews import PREVIEW_SAMPLER
-
         seeds = f"{self.previews_per_prompt} seed{'s' if self.previews_per_prompt > 1 else ''} a prompt"
         return (
             f"{PREVIEW_SAMPLER}, {self.sampling_steps} steps, guidance {self.guidance:g}, clip skip {self.clip_skip}, "
@@ -119,6 +105,21 @@ def preview_settings(config: EvaluationSettings, base_model: BaseModelResource) 
         batch_size=config.preview_batch_size or defaults.preview_batch_size or DEFAULT_PREVIEW_BATCH_SIZE,
         lora_scale=config.lora_scale,
         clip_skip=base_model.clip_skip,
+        base_seed=config.base_seed,
+    )
+
+
+def _prompts(captioned: CaptionsFiles, gender: str, settings: PreviewSettings):
+    """(trigger word, core tags, preview prompts) from what captions decided."""
+    summary = captioned.summary()
+    clusters = captioned.clusters()
+    return summary.trigger_word, summary.core_tags, preview_prompts(
+        summary.trigger_word,
+        summary.core_tags,
+        [list(tags) for tags in clusters.sort_values("cluster")["tags"]],
+        gender_tag=GENDER_TAGS[gender],
+        base_seed=settings.base_seed,
+        seeds_per_prompt=settings.previews_per_prompt,
     )
 
 
@@ -141,6 +142,15 @@ class RecscoreFiles(AssetFiles):
 
     def preview_path(self, step: int, prompt_name: str):
         return self.folder / f"step_{int(step):06d}" / f"{prompt_name}.png"
+
+    def preview_settings(self) -> PreviewSettings:
+        """The settings the previews were rendered with."""
+        recorded = self.stamp.summary.get("preview_settings")
+        if recorded is None:  # stamped by a version that did not record them
+            raise UpstreamError(
+                f"recscore_table[{self.key}] does not record its preview settings: materialize it again"
+            )
+        return PreviewSettings(**recorded)
 
     def preview_images(self, step: int, prompt_names: Sequence[str]) -> list[Image.Image]:
         """The previews of one step (step 0: the base model), one per prompt, checked."""
@@ -252,7 +262,7 @@ def recscore_table(
 
         cleaned = stage.read(CleanedCropsFiles)
         crops = cleaned.crops()
-        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config, base_model)
+        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, settings)
         models = vision_models.load(stage.store)
         # Several GPUs: each rendering step (the `gpu` pool) claims a different one.
         with claimed_device(stage.store.root / "locks" / "gpu", log=context.log.info) as device:
@@ -298,13 +308,15 @@ def recscore_table(
         # Home-relative checkpoint paths; the baseline row has no checkpoint ("").
         table["path"] = table["path"].map(lambda path: stage.files.relative(path) if path else "")
         write_table(table, table_path)
-        stage.finish(frame_hash(table, ["step", "fidelity", "prompt_following", "score"]), {})
+        # The settings are part of what chosen_model reads (the prompts, the card's text).
+        scores_hash = frame_hash(table, ["step", "fidelity", "prompt_following", "score"])
+        stage.finish(fingerprint(scores_hash, asdict(settings)), {"preview_settings": asdict(settings)})
     table = read_table(table_path)
     best = choose_step(table, beta=config.beta)  # what chosen_model will publish
 
     def previews() -> str:
         steps = [BASELINE_STEP, *steps_around(table["step"], best)]
-        prompts = _prompts(stage.read(CaptionsFiles), row.gender, config, base_model)[2]
+        prompts = _prompts(stage.read(CaptionsFiles), row.gender, settings)[2]
         names = [prompt.name for prompt in first_seeds(prompts)]
         sheet = preview_sheet(stage.files, table, steps, names, best, config.beta)
         return (
@@ -351,21 +363,21 @@ def chosen_model(
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
     row = character_index.row(context.partition_key)
-    settings = preview_settings(config, base_model)
     stage = Stage(
         context,
         storage,
         ChosenModelFiles,
         config,
         reads=(RecscoreFiles, LoraCheckpointsFiles, CaptionsFiles),
-        extra={"row": row.content_hash(), "base": base_model.source, "previews": asdict(settings)},
+        extra={"row": row.content_hash(), "base": base_model.source},
     )
     release_dir = stage.files.release_dir
     scores = stage.read(RecscoreFiles)
+    settings = scores.preview_settings()
     if stage.needs_build():
         table = scores.table()
         step = choose_step(table, beta=config.beta)
-        trigger, core_tags, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config, base_model)
+        trigger, core_tags, prompts = _prompts(stage.read(CaptionsFiles), row.gender, settings)
         write_release(
             release_dir,
             stage.read(LoraCheckpointsFiles).checkpoint(step),
@@ -383,7 +395,6 @@ def chosen_model(
                     key.to_user_string(): version
                     for key, version in context.assets_def.code_versions_by_key.items()
                 },
-                "preview_base_seed": config.base_seed,
                 "preview_settings": asdict(settings),
             },
             beta=config.beta,
@@ -402,7 +413,7 @@ def chosen_model(
         links): the metrics plot, and the previews of the base model and the chosen step at
         their rendered size (recscore_table's `previews` adds the neighbouring steps, the
         release's previews.png has every step)."""
-        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, config, base_model)
+        _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, settings)
         steps = [BASELINE_STEP, int(step)]
         sheet = preview_sheet(scores, table, steps, [p.name for p in first_seeds(prompts)], step, config.beta)
         with Image.open(io.BytesIO(sheet)) as image:

@@ -26,7 +26,6 @@ from lora_factory.training.base_model import (
 )
 
 ADAPTER_NAME = "preview"
-PREVIEW_SAMPLER = "DPM++ 2M"  # DPMSolverMultistepScheduler: what A1111 users preview with
 
 
 class PreviewRenderer:
@@ -82,8 +81,7 @@ class PreviewRenderer:
             text_encoder=base.text_encoder,
             tokenizer=base.tokenizer,
             unet=base.unet,
-            # Good images in few steps.
-            scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
+            scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),  # PREVIEW_SAMPLER
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

@@ -97,6 +97,17 @@ def test_real_releases_carry_no_demo_note(tmp_path, release_inputs):
     assert "Demo build" not in (release / "README.md").read_text(encoding="utf-8")
 
 
+def test_the_card_gives_the_clip_skip_the_lora_was_trained_with(tmp_path, release_inputs):
+    # The NAI family's clip skip 2, each tool in its own words (diffusers counts skipped layers).
+    card = (write_release(tmp_path / "nai", **release_inputs) / "README.md").read_text(encoding="utf-8")
+    assert "to the prompt; clip skip 2." in card and "*CLIP Set Last Layer* node at -2." in card
+    assert "`pipe(prompt, clip_skip=1)`" in card
+    # A base model used with its last layer.
+    card = (write_release(tmp_path / "last", **release_inputs, clip_skip=1) / "README.md").read_text(encoding="utf-8")
+    assert "to the prompt; clip skip 1." in card and "*CLIP Set Last Layer* node at -1." in card
+    assert "`pipe(prompt)`" in card and "clip_skip=" not in card
+
+
 def test_publishing_twice_changes_nothing_and_a_new_step_updates(tmp_path, release_inputs):
     release = write_release(tmp_path / "release", **release_inputs)
     before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in release.iterdir()}

@@ -400,6 +400,7 @@ def chosen_model(
             beta=config.beta,
             prompts=prompts,
             preview_rendering=settings.describe(),
+            clip_skip=settings.clip_skip,
             synthetic_demo=base_model.synthetic_demo,
         )
         stage.finish(f"{step}:{stage.upstream_hashes['recscore_table']}", {"step": step})

@@ -57,6 +57,7 @@ def write_release(
     artefact_gate: float | None = None,
     prompts: Sequence[PreviewPrompt] | None = None,
     preview_rendering: str = "",
+    clip_skip: int = 2,
     synthetic_demo: bool = False,
 ) -> Path:
     """Write (or refresh) the release folder for `character` and return its path.
@@ -64,7 +65,8 @@ def write_release(
     `table` is the RecScore table (step, path, fidelity, prompt_following, artefact,
     score); `step` must be one of its steps. `provenance` is any JSON-serialisable
     mapping (code version, data versions, seeds) copied into meta.json and the card.
-    `preview_rendering` says how the previews were rendered (sampler, steps, guidance...).
+    `preview_rendering` says how the previews were rendered (sampler, steps, guidance...);
+    `clip_skip` (A1111's count) is the one the LoRA was trained and previewed with.
     `synthetic_demo` marks a release trained on the demo's synthetic data and tiny models.
     """
     release_dir = Path(release_dir)
@@ -116,7 +118,7 @@ def write_release(
         character=character, lora_file=lora_file, lora_sha256=lora_sha256, step=int(step),
         trigger_word=trigger_word, core_tags=core_tags, base_model=base_model, rows=rows,
         rule=rule, prompts=prompts or [], provenance=provenance_json, synthetic_demo=synthetic_demo,
-        preview_rendering=preview_rendering,
+        preview_rendering=preview_rendering, clip_skip=clip_skip,
     )
     _write_if_changed(release_dir / PREVIEWS_FILE, previews_grid_png)
     _write_if_changed(release_dir / METRICS_FILE, metrics_png)
@@ -141,6 +143,7 @@ def model_card(
     provenance: Mapping[str, Any],
     synthetic_demo: bool,
     preview_rendering: str = "",
+    clip_skip: int = 2,
 ) -> str:
     """The release's README.md (markdown)."""
     stem = Path(lora_file).stem
@@ -175,11 +178,16 @@ def model_card(
         "## How to use",
         "",
         f"- **AUTOMATIC1111 / Forge**: put `{lora_file}` in `models/Lora`, add "
-        f"`<lora:{stem}:{DEFAULT_LORA_WEIGHT}>` and `{trigger_word}` to the prompt; clip skip 2.",
+        f"`<lora:{stem}:{DEFAULT_LORA_WEIGHT}>` and `{trigger_word}` to the prompt; clip skip {clip_skip}.",
         f"- **ComfyUI**: put `{lora_file}` in `models/loras`, insert a *Load LoRA* node after the "
-        f"checkpoint loader (strength {DEFAULT_LORA_WEIGHT}) and a *CLIP Set Last Layer* node at -2.",
-        f"- **diffusers**: `pipe.load_lora_weights(\"<folder>\", weight_name=\"{lora_file}\")`, "
-        "then `pipe(prompt, clip_skip=1)` (diffusers counts skipped layers: 1 = clip skip 2).",
+        f"checkpoint loader (strength {DEFAULT_LORA_WEIGHT}) and a *CLIP Set Last Layer* node at -{clip_skip}.",
+        f"- **diffusers**: `pipe.load_lora_weights(\"<folder>\", weight_name=\"{lora_file}\")`, then "
+        + (
+            f"`pipe(prompt, clip_skip={clip_skip - 1})` (diffusers counts skipped layers: {clip_skip - 1} = clip skip "
+            f"{clip_skip})."
+            if clip_skip > 1
+            else "`pipe(prompt)` (clip skip 1: the last layer, diffusers' default)."
+        ),
         "",
         "## Previews",
         "",

@@ -189,6 +189,7 @@ def test_a_changed_deployment_default_re_renders_the_previews(factory, monkeypat
         assert result.success, failure_message(result)
         metadata = metadata_by_asset(result)
         assert not metadata["recscore_table"]["reused"] and not metadata["chosen_model"]["reused"]
+        assert ", guidance 5," in metadata["recscore_table"]["preview_rendering"]
         assert ", guidance 5," in card.read_text()
     finally:
         monkeypatch.undo()
@@ -213,6 +214,7 @@ def test_the_release_describes_the_previews_recscore_table_rendered(factory):
     finally:
         result = run_chain(instance, home, selection=[recscore_table, chosen_model])
     assert result.success, failure_message(result)
+    assert "DPM++ 2M, 8 steps," in (home / "releases" / CHARACTER / "README.md").read_text()
 
 
 def event_sizes(result) -> dict[str, int]:

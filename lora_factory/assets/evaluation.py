@@ -145,12 +145,13 @@ class RecscoreFiles(AssetFiles):
 
     def preview_settings(self) -> PreviewSettings:
         """The settings the previews were rendered with."""
-        recorded = self.stamp.summary.get("preview_settings")
-        if recorded is None:  # stamped by a version that did not record them
+        try:
+            return PreviewSettings(**self.stamp.summary["preview_settings"])
+        except (KeyError, TypeError) as error:  # stamped by a version that recorded other settings
             raise UpstreamError(
-                f"recscore_table[{self.key}] does not record its preview settings: materialize it again"
-            )
-        return PreviewSettings(**recorded)
+                f"recscore_table[{self.key}] does not record the preview settings this version reads: "
+                "materialize it again"
+            ) from error
 
     def preview_images(self, step: int, prompt_names: Sequence[str]) -> list[Image.Image]:
         """The previews of one step (step 0: the base model), one per prompt, checked."""
@@ -218,7 +219,7 @@ class ChosenModelFiles(AssetFiles):
 
 @character_asset(
     group_name="evaluation",
-    code_version="3",
+    code_version="4",
     deps=[lora_checkpoints, captions, cleaned_crops, character_index],
     gpu=True,
     description=(
@@ -347,7 +348,7 @@ def recscore_table(
 
 @character_asset(
     group_name="evaluation",
-    code_version="2",
+    code_version="3",
     deps=[recscore_table, lora_checkpoints, captions, character_index],
     description=(
         "The checkpoint with the best F-beta (beta 3) of fidelity and prompt following, "

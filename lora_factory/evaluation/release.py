@@ -66,7 +66,8 @@ def write_release(
     score); `step` must be one of its steps. `provenance` is any JSON-serialisable
     mapping (code version, data versions, seeds) copied into meta.json and the card.
     `preview_rendering` says how the previews were rendered (sampler, steps, guidance...);
-    `clip_skip` (A1111's count) is the one the LoRA was trained and previewed with.
+    `clip_skip` (A1111's count) is the one the previews were rendered with: the base model
+    resource's, which training uses too.
     `synthetic_demo` marks a release trained on the demo's synthetic data and tiny models.
     """
     release_dir = Path(release_dir)

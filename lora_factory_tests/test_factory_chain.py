@@ -201,15 +201,17 @@ def test_a_changed_deployment_default_re_renders_the_previews(factory, monkeypat
 
 
 def test_the_release_describes_the_previews_recscore_table_rendered(factory):
-    # chosen_model takes the prompts and settings from what recscore_table rendered, not
-    # from its own config: the card cannot describe previews that were never made.
+    # chosen_model has no settings of its own: the step rule, the prompts and the settings
+    # come from what recscore_table scored and rendered, so the card cannot describe
+    # previews that were never made or a rule that did not rank them.
     instance, home, _, _ = factory
-    config = {"ops": {"recscore_table": {"config": {"sampling_steps": 6}}}}
+    config = {"ops": {"recscore_table": {"config": {"sampling_steps": 6, "beta": 1.0}}}}
     try:
         result = run_chain(instance, home, selection=[recscore_table, chosen_model], run_config=config)
         assert result.success, failure_message(result)
         meta = json.loads((home / "releases" / CHARACTER / "meta.json").read_text())
         assert meta["provenance"]["preview_settings"]["sampling_steps"] == 6
+        assert meta["selection"]["beta"] == 1.0
         assert "DPM++ 2M, 6 steps," in (home / "releases" / CHARACTER / "README.md").read_text()
     finally:
         result = run_chain(instance, home, selection=[recscore_table, chosen_model])

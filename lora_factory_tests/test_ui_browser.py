@@ -38,7 +38,6 @@ RUN_CONFIG = {
     "ops": {
         "lora_checkpoints": {"config": {"max_train_steps": 4, "save_every_n_steps": 4}},
         "recscore_table": {"config": {"sampling_steps": 2}},
-        "chosen_model": {"config": {"sampling_steps": 2}},
     }
 }
 # `make demo` for one character, with RUN_CONFIG: argv = home, character, run config (JSON).

@@ -56,8 +56,9 @@ DEFAULT_PREVIEW_BATCH_SIZE = 4
 
 
 class EvaluationSettings(dg.Config):
-    """Preview rendering and step selection (CyberHarem's F-beta rule, beta 3). chosen_model
-    publishes the previews recscore_table rendered, with the settings it recorded."""
+    """recscore_table's preview rendering and step rule (CyberHarem's F-beta, beta 3).
+    chosen_model has no settings of its own: it publishes the step this rule picks, with
+    the previews and settings recscore_table recorded."""
 
     sampling_steps: int = 0  # 0: the base model deployment's default (20 for a real model)
     guidance: float = 0.0  # 0: the base model deployment's default (7 for a real model)
@@ -145,11 +146,18 @@ class RecscoreFiles(AssetFiles):
 
     def preview_settings(self) -> PreviewSettings:
         """The settings the previews were rendered with."""
+        return self._recorded("preview_settings", lambda value: PreviewSettings(**value))
+
+    def beta(self) -> float:
+        """The F-beta rule's beta the scores were computed with."""
+        return self._recorded("beta", float)
+
+    def _recorded(self, name: str, parse):
         try:
-            return PreviewSettings(**self.stamp.summary["preview_settings"])
-        except (KeyError, TypeError) as error:  # stamped by a version that recorded other settings
+            return parse(self.stamp.summary[name])
+        except (KeyError, TypeError) as error:  # stamped by a version that recorded other things
             raise UpstreamError(
-                f"recscore_table[{self.key}] does not record the preview settings this version reads: "
+                f"recscore_table[{self.key}] does not record the {name.replace('_', ' ')} this version reads: "
                 "materialize it again"
             ) from error
 
@@ -309,9 +317,10 @@ def recscore_table(
         # Home-relative checkpoint paths; the baseline row has no checkpoint ("").
         table["path"] = table["path"].map(lambda path: stage.files.relative(path) if path else "")
         write_table(table, table_path)
-        # The settings are part of what chosen_model reads (the prompts, the card's text).
+        # The settings and the rule are part of what chosen_model reads (its step, prompts, card).
         scores_hash = frame_hash(table, ["step", "fidelity", "prompt_following", "score"])
-        stage.finish(fingerprint(scores_hash, asdict(settings)), {"preview_settings": asdict(settings)})
+        recorded = {"preview_settings": asdict(settings), "beta": config.beta}
+        stage.finish(fingerprint(scores_hash, recorded), recorded)
     table = read_table(table_path)
     best = choose_step(table, beta=config.beta)  # what chosen_model will publish
 
@@ -351,14 +360,14 @@ def recscore_table(
     code_version="3",
     deps=[recscore_table, lora_checkpoints, captions, character_index],
     description=(
-        "The checkpoint with the best F-beta (beta 3) of fidelity and prompt following, "
-        "published as a release folder: the LoRA, a model card (trigger word, core tags, "
-        "steps table, selection rule), previews, the metrics plot and meta.json."
+        "The checkpoint with the best F-beta of fidelity and prompt following (recscore_table's "
+        "beta, 3 by default), published as a release folder: the LoRA, a model card (trigger "
+        "word, core tags, steps table, selection rule), previews, the metrics plot and meta.json. "
+        "No settings of its own: it publishes what recscore_table scored and rendered."
     ),
 )
 def chosen_model(
     context: dg.AssetExecutionContext,
-    config: EvaluationSettings,
     storage: FactoryStorage,
     character_index: CharacterIndex,
     base_model: BaseModelResource,
@@ -368,16 +377,15 @@ def chosen_model(
         context,
         storage,
         ChosenModelFiles,
-        config,
         reads=(RecscoreFiles, LoraCheckpointsFiles, CaptionsFiles),
         extra={"row": row.content_hash(), "base": base_model.source},
     )
     release_dir = stage.files.release_dir
     scores = stage.read(RecscoreFiles)
-    settings = scores.preview_settings()
+    settings, beta = scores.preview_settings(), scores.beta()
     if stage.needs_build():
         table = scores.table()
-        step = choose_step(table, beta=config.beta)
+        step = choose_step(table, beta=beta)
         trigger, core_tags, prompts = _prompts(stage.read(CaptionsFiles), row.gender, settings)
         write_release(
             release_dir,
@@ -398,7 +406,7 @@ def chosen_model(
                 },
                 "preview_settings": asdict(settings),
             },
-            beta=config.beta,
+            beta=beta,
             prompts=prompts,
             preview_rendering=settings.describe(),
             clip_skip=settings.clip_skip,
@@ -417,7 +425,7 @@ def chosen_model(
         release's previews.png has every step)."""
         _, _, prompts = _prompts(stage.read(CaptionsFiles), row.gender, settings)
         steps = [BASELINE_STEP, int(step)]
-        sheet = preview_sheet(scores, table, steps, [p.name for p in first_seeds(prompts)], step, config.beta)
+        sheet = preview_sheet(scores, table, steps, [p.name for p in first_seeds(prompts)], step, beta)
         with Image.open(io.BytesIO(sheet)) as image:
             width = image.width
         return inline_images(
@@ -436,7 +444,7 @@ def chosen_model(
             "fidelity": rounded(chosen["fidelity"]),
             "prompt_following": rounded(chosen["prompt_following"]),
             "score": rounded(chosen["score"]),
-            "selection_rule": selection_rule_text(config.beta),
+            "selection_rule": selection_rule_text(beta),
             "release_dir": dg.MetadataValue.path(stage.files.relative(release_dir)),
             "lora_file": dg.MetadataValue.path(stage.files.relative(release_dir / f"{stage.key}.safetensors")),
         },

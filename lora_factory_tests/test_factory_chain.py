@@ -200,6 +200,32 @@ def test_a_changed_deployment_default_re_renders_the_previews(factory, monkeypat
     assert ", guidance 7," in card.read_text()
 
 
+def test_a_changed_training_default_retrains_the_lora(factory, monkeypatch):
+    # The deployment's training defaults are code too: a LoRA trained before one changed
+    # was not trained with it, so it is trained again.
+    instance, home, _, _ = factory
+
+    def last_checkpoint_metadata() -> dict[str, str]:
+        checkpoints = read_table(home / "tables" / "lora_checkpoints" / f"{CHARACTER}.parquet")
+        with safe_open(home / checkpoints["path"].iloc[-1], framework="pt") as lora:
+            return lora.metadata()
+
+    monkeypatch.setattr(
+        TinyBaseModel, "defaults", dataclasses.replace(TinyBaseModel.defaults, caption_tag_dropout=0.25)
+    )
+    try:
+        result = run_chain(instance, home, selection=[lora_checkpoints])
+        assert result.success, failure_message(result)
+        assert not metadata_by_asset(result)["lora_checkpoints"]["reused"]
+        assert last_checkpoint_metadata()["ss_caption_tag_dropout_rate"] == "0.25"
+    finally:
+        monkeypatch.undo()
+        result = run_chain(instance, home, selection=[lora_checkpoints])
+    assert result.success, failure_message(result)
+    assert not metadata_by_asset(result)["lora_checkpoints"]["reused"]
+    assert last_checkpoint_metadata()["ss_caption_tag_dropout_rate"] == "0.0"
+
+
 def test_the_release_describes_the_previews_recscore_table_rendered(factory):
     # chosen_model has no settings of its own: the step rule, the prompts and the settings
     # come from what recscore_table scored and rendered, so the card cannot describe

@@ -20,6 +20,7 @@ from lora_factory.training.dataset import (
     BucketDataLoader,
     CaptionedLatentDataset,
     TrainingExample,
+    drop_tags,
     load_bucket_image,
     shuffle_caption,
 )
@@ -77,6 +78,31 @@ def test_caption_shuffle_keeps_the_trigger_first():
         assert sorted(tags) == sorted(caption.split(", "))
         seen.add(shuffled)
     assert len(seen) > 1
+
+
+def test_tag_dropout_keeps_the_trigger_and_drops_about_its_rate():
+    caption = ", ".join(["kaede_sa"] + [f"tag{i}" for i in range(10)])
+    kept = 0
+    for seed in range(200):
+        tags = drop_tags(caption, keep_tokens=1, rate=0.3, rng=random.Random(seed)).split(", ")
+        assert tags[0] == "kaede_sa"
+        assert tags[1:] == [tag for tag in caption.split(", ")[1:] if tag in tags]  # order kept
+        kept += len(tags) - 1
+    assert 0.6 < kept / 2000 < 0.8
+
+
+def test_dataset_drops_tags_reproducibly(tmp_path):
+    paths = _write_images(tmp_path, [(64, 64)])
+    example = TrainingExample(paths[0], "trigger, a, b, c, d, e, f", (64, 64), repeats=8)
+
+    def captions(dataset):
+        return [caption for batch in BucketDataLoader(dataset, batch_size=4) for caption in batch["captions"]]
+
+    dropped = captions(CaptionedLatentDataset([example], seed=3, caption_tag_dropout=0.5))
+    assert dropped == captions(CaptionedLatentDataset([example], seed=3, caption_tag_dropout=0.5))
+    assert all(caption.split(", ")[0] == "trigger" for caption in dropped)
+    assert min(len(caption.split(", ")) for caption in dropped) < 7  # some tags left out
+    assert all(len(caption.split(", ")) == 7 for caption in captions(CaptionedLatentDataset([example], seed=3)))
 
 
 def _write_images(folder, sizes):
@@ -146,7 +172,9 @@ def test_dataset_size_rules():
 
 def test_config_validation_names_every_problem():
     with pytest.raises(ValueError) as error:
-        TrainingConfig(optimizer="sgd", batch_size=0, caption_dropout=1.5, lr_scheduler="linear")
+        TrainingConfig(
+            optimizer="sgd", batch_size=0, caption_dropout=1.5, caption_tag_dropout=-0.1, lr_scheduler="linear"
+        )
     message = str(error.value)
     assert "lr_scheduler 'linear'" in message and "optimizer 'sgd'" in message
-    assert "batch_size" in message and "caption_dropout" in message
+    assert "batch_size" in message and "caption_dropout must" in message and "caption_tag_dropout must" in message

@@ -166,10 +166,12 @@ def test_noise_options_change_the_step_and_are_recorded(tiny_sd, examples, tmp_p
     assert loss(multires_noise_iterations=6, multires_noise_discount=0.3) != plain
     assert loss(noise_offset=0.1) != plain
     # kohya's metadata names, so A1111's and kohya's tools show how the file was trained.
-    run = TrainingConfig(rank=4, batch_size=2, max_train_steps=1, multires_noise_iterations=6, noise_offset=0.05)
+    run = TrainingConfig(rank=4, batch_size=2, max_train_steps=1, multires_noise_iterations=6, noise_offset=0.05,
+                         caption_tag_dropout=0.2)  # fmt: skip
     _, metadata = read_kohya_lora(_train(tiny_sd, examples, tmp_path, run)[-1].path)
     assert metadata["ss_multires_noise_iterations"] == "6" and metadata["ss_multires_noise_discount"] == "0.3"
     assert metadata["ss_noise_offset"] == "0.05"
+    assert metadata["ss_caption_tag_dropout_rate"] == "0.2"
 
 
 def test_a_compiled_unet_trains_the_same_lora(tiny_sd, examples, tmp_path):

@@ -77,7 +77,11 @@ def lora_checkpoints(
         LoraCheckpointsFiles,
         config,
         reads=(BucketsFiles, CaptionsFiles),
-        extra={"base": base_model.identity(storage.store()), "clip_skip": base_model.clip_skip},
+        extra={
+            "base": base_model.identity(storage.store()),
+            "clip_skip": base_model.clip_skip,
+            "defaults": base_model.defaults.training_defaults(),
+        },
     )
     table_path = stage.files.table_path()
     output_dir = stage.files.folder

@@ -65,6 +65,14 @@ class VisionModelsResource(dg.ConfigurableResource):
         return IdentityModel(self.registry(store).resolve(self.identity))
 
 
+# TrainingConfig fields that a base model deployment decides when a run leaves them None
+# (the training length, which max_train_epochs also decides, is handled on its own).
+UNSET_TRAINING_FIELDS = (
+    "save_every_n_steps", "unet_learning_rate", "text_encoder_learning_rate", "lr_scheduler", "conv_rank",
+    "noise_offset", "multires_noise_iterations", "multires_noise_discount", "caption_tag_dropout",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class BaseModelDefaults:
     """What training and previews use for the settings a run leaves undecided (None: their
@@ -81,6 +89,7 @@ class BaseModelDefaults:
     noise_offset: float | None = None
     multires_noise_iterations: int | None = None
     multires_noise_discount: float | None = None
+    caption_tag_dropout: float | None = None
     sampling_steps: int | None = None
     guidance: float | None = None
     previews_per_prompt: int | None = None
@@ -89,16 +98,19 @@ class BaseModelDefaults:
 
     def training(self, config: TrainingConfig) -> TrainingConfig:
         """`config` with these defaults where it leaves the length, the saves, the
-        learning rates and their schedule, the conv rank or the training noise undecided."""
+        learning rates and their schedule, the conv rank, the training noise or the caption
+        tag dropout undecided."""
         if self.max_train_steps and config.max_train_steps is None and config.max_train_epochs is None:
             config = replace(config, max_train_steps=self.max_train_steps)
-        for name in (
-            "save_every_n_steps", "unet_learning_rate", "text_encoder_learning_rate", "lr_scheduler", "conv_rank",
-            "noise_offset", "multires_noise_iterations", "multires_noise_discount",
-        ):  # fmt: skip
+        for name in UNSET_TRAINING_FIELDS:
             if getattr(self, name) and getattr(config, name) is None:
                 config = replace(config, **{name: getattr(self, name)})
         return config
+
+    def training_defaults(self) -> dict:
+        """The defaults `training` applies: part of what a LoRA is trained with, so a changed
+        one retrains as a changed run setting does."""
+        return {name: getattr(self, name) for name in ("max_train_steps", *UNSET_TRAINING_FIELDS)}
 
 
 class BaseModelResource(dg.ConfigurableResource):

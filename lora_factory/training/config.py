@@ -125,7 +125,11 @@ class TrainingConfig:
     input_perturbation: float = 0.0  # extra noise on the model input only (Ning et al. 2023); ~0.1
     caption_shuffle: bool = True
     keep_tokens: int = 1  # the trigger word stays first when captions are shuffled
-    caption_dropout: float = 0.0
+    caption_dropout: float = 0.0  # share of captions left empty
+    # Share of the tags after the first keep_tokens left out of each caption (kohya's
+    # caption_tag_dropout_rate): the trigger word then carries the character on its own,
+    # not together with the tags that always come with it. None: the base model's default, else 0.
+    caption_tag_dropout: float | None = None
     flip: bool = False  # only for symmetric characters
     mixed_precision: str = "auto"  # auto: "no" on CPU, bf16 (or fp16) on GPU
     save_precision: str = "fp16"
@@ -181,8 +185,9 @@ class TrainingConfig:
             problems.append(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
         if self.log_every_n_steps < 1:
             problems.append(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            problems.append(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        for name in ("caption_dropout", "caption_tag_dropout"):
+            if not 0.0 <= (getattr(self, name) or 0.0) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.keep_tokens < 0:
             problems.append(f"keep_tokens must be >= 0, got {self.keep_tokens}")
         if self.clip_skip < 1:
@@ -225,6 +230,7 @@ class TrainingConfig:
             noise_offset=self.noise_offset or 0.0,
             multires_noise_iterations=self.multires_noise_iterations or 0,
             multires_noise_discount=self.multires_noise_discount or DEFAULT_MULTIRES_NOISE_DISCOUNT,
+            caption_tag_dropout=self.caption_tag_dropout or 0.0,
         )
 
     @property
@@ -241,6 +247,7 @@ class TrainingConfig:
             self.noise_offset,
             self.multires_noise_iterations,
             self.multires_noise_discount,
+            self.caption_tag_dropout,
         )
 
     def to_dict(self) -> dict:

@@ -59,6 +59,14 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
     return ", ".join(kept + rest)
 
 
+def drop_tags(caption: str, keep_tokens: int, rate: float, rng: random.Random) -> str:
+    """Leave out each tag after the first `keep_tokens` ones with probability `rate`
+    (kohya's caption_tag_dropout_rate)."""
+    tags = split_tags(caption)
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    return ", ".join(kept + [tag for tag in rest if rng.random() >= rate])
+
+
 def load_bucket_image(path: Path, bucket: tuple[int, int]) -> Image.Image:
     """The image as RGB at exactly `bucket` size.
 
@@ -152,6 +160,7 @@ class CaptionedLatentDataset(Dataset):
         caption_shuffle: bool = True,
         keep_tokens: int = 1,
         caption_dropout: float = 0.0,
+        caption_tag_dropout: float = 0.0,
         flip: bool = False,
     ):
         if not examples:
@@ -164,6 +173,7 @@ class CaptionedLatentDataset(Dataset):
         self.caption_shuffle = caption_shuffle
         self.keep_tokens = keep_tokens
         self.caption_dropout = caption_dropout
+        self.caption_tag_dropout = caption_tag_dropout
         self.flip = flip
         self.sample_examples = [index for index, example in enumerate(examples) for _ in range(example.repeats)]
 
@@ -197,6 +207,8 @@ class CaptionedLatentDataset(Dataset):
             caption = self.examples[example_index].caption
             if self.caption_shuffle:
                 caption = shuffle_caption(caption, self.keep_tokens, rng)
+            if self.caption_tag_dropout:
+                caption = drop_tags(caption, self.keep_tokens, self.caption_tag_dropout, rng)
             if self.caption_dropout and rng.random() < self.caption_dropout:
                 caption = ""
             example_ids.append(example_index)

@@ -159,6 +159,7 @@ def _train_on(
         caption_shuffle=config.caption_shuffle,
         keep_tokens=config.keep_tokens,
         caption_dropout=config.caption_dropout,
+        caption_tag_dropout=config.caption_tag_dropout or 0.0,  # the same as resolved() decides
         flip=config.flip,
     )
     batches_per_epoch = len(dataset.batch_sampler(config.batch_size))
@@ -460,6 +461,7 @@ def _metadata_factory(
         caption_shuffle=config.caption_shuffle,
         keep_tokens=config.keep_tokens,
         caption_dropout=config.caption_dropout,
+        caption_tag_dropout=config.caption_tag_dropout,
         flip=config.flip,
         mixed_precision=KOHYA_PRECISION_NAMES[precision],
         bucket_info={"buckets": buckets},

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,16 @@ class BlobStore:
     def images(self, hashes: Iterable[str]) -> Iterator[Image.Image]:
         """Stored pictures (crops, by sha256) as RGB, read one at a time as they are used,
         so a long list of crops never sits in memory at once."""
-        return (Image.open(io.BytesIO(self.get(sha))).convert("RGB") for sha in hashes)
+        return (self.image(sha) for sha in hashes)
+
+    def image(self, sha256: str) -> Image.Image:
+        """One stored picture as RGB, checked against its sha256."""
+        return Image.open(io.BytesIO(self.get(sha256))).convert("RGB")
+
+    def image_sequence(self, hashes: Iterable[str]) -> StoredImages:
+        """Stored pictures that are read only when indexed: a sampler that picks a few of
+        many crops reads those few."""
+        return StoredImages(self, list(hashes))
 
     def _set_aside(self, path: Path) -> None:
         damaged = self.root / "damaged"
@@ -204,6 +213,22 @@ class BlobStore:
             os.replace(path, damaged / path.name)
         except FileNotFoundError:  # another process set it aside first
             pass
+
+
+class StoredImages(Sequence[Image.Image]):
+    """A list of stored pictures (by sha256), each read from the blob store when indexed."""
+
+    def __init__(self, blobs: BlobStore, hashes: list[str]):
+        self._blobs = blobs
+        self._hashes = hashes
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return StoredImages(self._blobs, self._hashes[index])
+        return self._blobs.image(self._hashes[index])
 
 
 def write_table(frame: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:

@@ -369,6 +369,17 @@ def test_a_model_replaced_under_the_same_name_rebuilds_what_it_decided(built, ho
     assert metadata["matched_tags"]["reused"] is True  # tag matching never runs the tagger
 
 
+def test_previews_of_a_changed_base_model_are_rendered_again(built, home):
+    """The previews (the no-LoRA baseline first) are renderings of the base model's weights:
+    rendering alone after its files changed under the same name renders them again."""
+    instance, _ = built
+    base_dir = FactoryStore(home).models_dir / "tiny-sd15"
+    assert base_dir.is_dir()
+    (base_dir / "NOTES.txt").write_text("another version's files\n")
+    metadata = metadata_by_asset(run_chain(instance, home, selection=["recscore_table"]))
+    assert metadata["recscore_table"]["reused"] is False
+
+
 def test_releases_are_readable_by_others(built):
     """Files 0644 and folders 0755 under the usual umask (temp files start as 0600)."""
     _, home = built

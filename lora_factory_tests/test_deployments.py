@@ -142,6 +142,10 @@ def test_only_the_demo_base_models_set_training_and_preview_defaults():
     assert decided.lr_scheduler == "cosine"
     assert (decided.max_train_steps, decided.max_train_epochs, decided.save_every_n_steps) == (None, 3, 5)
     assert (decided.unet_learning_rate, decided.text_encoder_learning_rate) == (1e-5, DEMO_TEXT_ENCODER_LEARNING_RATE)
+    # The save interval was chosen for the demo's length: a run of its own length gets the
+    # usual ten or so checkpoints, not one every DEMO_SAVE_EVERY steps.
+    longer = DemoBaseModel.defaults.training(TrainingConfig(max_train_steps=3000)).resolved(100)
+    assert (longer.max_train_steps, longer.save_every_n_steps) == (3000, 300)
     # Previews: a real model's at the usual settings (4 at a time for its GPU memory), the
     # demo's at its base model's guidance, 3 seeds a prompt, 16 at a time (faster on a CPU);
     # what a run's settings decide wins.

@@ -54,6 +54,13 @@ def test_one_prompt_per_outfit_cluster_plus_the_generic_set():
     assert prompts["outfit_cluster_0"].prompt.endswith("navy jacket, beige skirt")
 
 
+def test_a_character_without_a_gender_is_written_solo_once():
+    # The index's gender "other" has no gender tag: its prompts carry "solo" alone, once,
+    # so prompt following does not count it twice.
+    for prompt in preview_prompts("kaede sa", [], [["orange_shirt"]], gender_tag="solo"):
+        assert prompt.expected_tags.count("solo") == 1 and prompt.prompt.count("solo") == 1
+
+
 def test_core_tags_can_follow_the_trigger():
     prompt = preview_prompts("ash_ember_knights", CORE, CLUSTERS, include_core_tags=True)[0]
     assert prompt.prompt.startswith("masterpiece, best quality, ash_ember_knights, red hair, yellow eyes, horns, 1girl")

@@ -7,6 +7,7 @@ demo-world drawings.
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from lora_factory.evaluation.recscore import (
     score_checkpoints,
 )
 from lora_factory.evaluation.selection import BASELINE_STEP, choose_step, fbeta_score
+from lora_factory.storage import BlobStore, DamagedFileError
 from lora_factory.vision.identity import IdentityModel
 from lora_factory.vision.tagger import WD14Tagger
 
@@ -171,6 +173,43 @@ def test_score_checkpoints_builds_the_recscore_table(tmp_path):
     expected = [fbeta_score(f, p) for f, p in zip(table["fidelity"], table["prompt_following"])]
     assert table["score"].tolist() == pytest.approx(expected)
     assert sorted(previews) == [100, 300] and len(previews[300]) == 2
+
+
+def test_a_sample_of_stored_crops_reads_only_the_sample(tmp_path):
+    # Crops in the blob store are read when the sampler picks them: with the blobs of all
+    # but the sampled crops gone, scoring works; with a sampled one gone, it names it.
+    blobs = BlobStore(tmp_path / "blobs")
+    hashes = [blobs.put(_png(Image.new("RGB", (8, 8), (200, 30, 30 + i)))) for i in range(12)]
+    identity = RecordingIdentity()
+    checkpoints = [(300, tmp_path / "lora_300.safetensors")]
+    score_checkpoints(checkpoints, StepRenderer(), [prompt("a", ["1girl"])], blobs.image_sequence(hashes),
+                      identity, FixedTagger(), max_dataset_images=3)  # fmt: skip
+    sampled = {colour[2] - 30 for colour in identity.dataset_colours}
+    assert len(sampled) == 3
+    for index in set(range(12)) - sampled:
+        blobs.path(hashes[index]).unlink()
+    table, _ = score_checkpoints(checkpoints, StepRenderer(), [prompt("a", ["1girl"])], blobs.image_sequence(hashes),
+                                 CosineIdentity(), FixedTagger(), max_dataset_images=3)  # fmt: skip
+    assert table["fidelity"].iloc[0] == pytest.approx(1.0)
+    blobs.path(hashes[min(sampled)]).unlink()
+    with pytest.raises(DamagedFileError, match="missing"):
+        score_checkpoints(checkpoints, StepRenderer(), [prompt("a", ["1girl"])], blobs.image_sequence(hashes),
+                          CosineIdentity(), FixedTagger(), max_dataset_images=3)  # fmt: skip
+
+
+class RecordingIdentity(CosineIdentity):
+    """Remembers the colours of the first images it embeds (the dataset sample)."""
+
+    def embed(self, images):
+        if not self.embedded:
+            self.dataset_colours = [image.getpixel((0, 0)) for image in images]
+        return super().embed(images)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_score_checkpoints_accepts_features_and_leaves_artefact_empty_without_a_classifier(tmp_path):

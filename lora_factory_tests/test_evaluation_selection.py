@@ -73,3 +73,13 @@ def test_the_baseline_row_is_never_chosen():
     assert choose_step(rows) == 200
     with pytest.raises(ValueError, match="only the baseline row"):
         choose_step(table([(BASELINE_STEP, 0.9, 0.9, 0.0)]))
+
+
+def test_the_artefact_gate_reads_the_checkpoints_not_the_baseline():
+    # The baseline's clean previews neither let a gate pass nor show up as the lowest score.
+    rows = table([(BASELINE_STEP, 0.1, 0.9, 0.01), (100, 0.5, 0.5, 0.5), (200, 0.6, 0.5, 0.4)])
+    with pytest.raises(ValueError, match=r"lowest artefact score 0\.400"):
+        choose_step(rows, artefact_gate=0.3)
+    unscored = table([(BASELINE_STEP, 0.1, 0.9, 0.01), (100, 0.5, 0.5, np.nan)])
+    with pytest.raises(ValueError, match="no checkpoint has an artefact score"):
+        choose_step(unscored, artefact_gate=0.3)

@@ -129,6 +129,9 @@ def test_full_chain_builds_a_release(factory):
     # The UI shows the previews around the best step and the model card with its pictures
     # inline; the release's README.md keeps relative links.
     assert metadata["recscore_table"]["best_step"] == chosen["chosen_step"]
+    scores = read_table(home / "tables" / "recscore_table" / f"{CHARACTER}.parquet")  # the baseline row too
+    best_row = scores[scores["step"] == chosen["chosen_step"]]
+    assert metadata["recscore_table"]["best_score"] == pytest.approx(best_row["score"].iloc[0], abs=1e-3)
     assert metadata["recscore_table"]["previews"].count("data:image/webp;base64,") == 1
     card = metadata["chosen_model"]["model_card"]
     assert card.count("data:image/webp;base64,") == 2 and "(previews.png)" not in card

@@ -21,7 +21,7 @@ from lora_factory.engines import VISION_ON_GPU
 from lora_factory.provenance import frame_hash
 from lora_factory.reporting import contact_sheet_png, markdown_image
 from lora_factory.resources import FactoryStorage, VisionModelsResource
-from lora_factory.storage import read_table, write_table
+from lora_factory.storage import StoredImages, read_table, write_table
 
 
 class CleanedCropsFiles(AssetFiles):
@@ -35,6 +35,10 @@ class CleanedCropsFiles(AssetFiles):
     def images(self, hashes: Iterable[str]) -> Iterator[Image.Image]:
         """Crop images as RGB, one at a time; each blob is checked against its sha256."""
         return self.store.blobs.images(hashes)
+
+    def image_sequence(self, hashes: Iterable[str]) -> StoredImages:
+        """Crop images read only when indexed (a sample of many reads only the sample)."""
+        return self.store.blobs.image_sequence(hashes)
 
     def image_path(self, sha256: str) -> Path:
         """The stored file of one crop, after checking its bytes."""

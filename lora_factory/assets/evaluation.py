@@ -257,7 +257,7 @@ def recscore_table(
         reads=(LoraCheckpointsFiles, CaptionsFiles, CleanedCropsFiles),
         extra={
             "models": vision_models.versions(storage.store()),
-            "base": base_model.source,
+            "base": base_model.identity(storage.store()),
             "row": row.content_hash(),
             "previews": asdict(settings),
         },
@@ -288,7 +288,7 @@ def recscore_table(
                 stage.read(LoraCheckpointsFiles).checkpoints(),
                 renderer,
                 prompts,
-                cleaned.images(crops["crop_sha256"]),
+                cleaned.image_sequence(crops["crop_sha256"]),
                 models.identity,
                 models.tagger,
                 context.log,
@@ -344,7 +344,7 @@ def recscore_table(
                 table, max_rows=100, first=["step", "score", "fidelity", "prompt_following", "artefact"]
             ),
             "best_step": int(best),
-            "best_score": rounded(table["score"].max()),
+            "best_score": rounded(table.loc[table["step"] == best, "score"].iloc[0]),
             "preview_rendering": settings.describe(),
             "previews_dir": dg.MetadataValue.path(stage.files.relative(out_dir)),
         },

@@ -23,7 +23,7 @@ TrainingSettings = settings_for(
     TrainingConfig,
     "Training knobs (lora_factory.training.config.TrainingConfig); None means \"decided for you\": "
     "rank, alpha and the training length from the dataset size (more images, fewer epochs), "
-    "learning rates from the optimizer.",
+    "learning rates from the optimizer, unless the base model deployment sets a default.",
     exclude=("resolution", "clip_skip"),  # from the buckets and the base model
 )
 

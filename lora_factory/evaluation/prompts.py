@@ -100,7 +100,7 @@ def preview_prompts(
         trigger_word,
         *(tag_to_prompt_text(tag) for tag in core if include_core_tags),
     ]
-    subject = [gender_tag, "solo"]
+    subject = _unique([gender_tag, "solo"])  # "solo" as the gender tag (no gender) comes once
 
     specs: list[tuple[str, list[str]]] = []
     for index, cluster in enumerate(outfit_clusters):

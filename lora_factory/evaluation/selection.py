@@ -80,7 +80,7 @@ def choose_step(
     if candidates.empty:
         raise ValueError("choose_step: the RecScore table has only the baseline row; train the LoRA first")
     if artefact_gate is not None:
-        artefact = pd.to_numeric(table["artefact"], errors="coerce")
+        artefact = pd.to_numeric(candidates["artefact"], errors="coerce")
         if artefact.isna().all():
             raise ValueError(
                 "choose_step: an artefact gate was set but no checkpoint has an artefact score; "

@@ -66,9 +66,10 @@ class VisionModelsResource(dg.ConfigurableResource):
 
 
 # TrainingConfig fields that a base model deployment decides when a run leaves them None
-# (the training length, which max_train_epochs also decides, is handled on its own).
+# (the training length, which max_train_epochs also decides, and the save interval chosen
+# for that length are handled on their own).
 UNSET_TRAINING_FIELDS = (
-    "save_every_n_steps", "unet_learning_rate", "text_encoder_learning_rate", "lr_scheduler", "conv_rank",
+    "unet_learning_rate", "text_encoder_learning_rate", "lr_scheduler", "conv_rank",
     "noise_offset", "multires_noise_iterations", "multires_noise_discount", "caption_tag_dropout",
 )  # fmt: skip
 
@@ -99,9 +100,12 @@ class BaseModelDefaults:
     def training(self, config: TrainingConfig) -> TrainingConfig:
         """`config` with these defaults where it leaves the length, the saves, the
         learning rates and their schedule, the conv rank, the training noise or the caption
-        tag dropout undecided."""
+        tag dropout undecided. The save interval comes only with the length it was chosen
+        for: a run of another length gets its usual number of checkpoints."""
         if self.max_train_steps and config.max_train_steps is None and config.max_train_epochs is None:
             config = replace(config, max_train_steps=self.max_train_steps)
+            if self.save_every_n_steps and config.save_every_n_steps is None:
+                config = replace(config, save_every_n_steps=self.save_every_n_steps)
         for name in UNSET_TRAINING_FIELDS:
             if getattr(self, name) and getattr(config, name) is None:
                 config = replace(config, **{name: getattr(self, name)})
@@ -110,7 +114,7 @@ class BaseModelDefaults:
     def training_defaults(self) -> dict:
         """The defaults `training` applies: part of what a LoRA is trained with, so a changed
         one retrains as a changed run setting does."""
-        return {name: getattr(self, name) for name in ("max_train_steps", *UNSET_TRAINING_FIELDS)}
+        return {name: getattr(self, name) for name in ("max_train_steps", "save_every_n_steps", *UNSET_TRAINING_FIELDS)}
 
 
 class BaseModelResource(dg.ConfigurableResource):

@@ -96,11 +96,12 @@ class TrainingConfig:
     alpha: float | None = None  # None: rank / 2
     # kohya's conv_dim / conv_alpha ("LoCon"): with a rank, the UNet's ResNet blocks and
     # down/upsamplers are adapted too (3x3 convolutions at this rank, their 1x1 shortcut
-    # and time-embedding projection at `rank`). None or 0: attention blocks only.
+    # and time-embedding projection at `rank`). 0: attention blocks only; None: the base
+    # model's default, else 0.
     conv_rank: int | None = None
     conv_alpha: float | None = None  # None: conv_rank / 2
     lokr_factor: int = -1  # LoKr's Kronecker factor; -1: the factor nearest the square root
-    unet_learning_rate: float | None = None  # None: the optimizer's default
+    unet_learning_rate: float | None = None  # None: the base model's default, else the optimizer's
     text_encoder_learning_rate: float | None = None
     train_text_encoder: bool = True  # kohya's LoRA trains both by default; False: UNet only
     optimizer: str = "adamw"
@@ -108,9 +109,11 @@ class TrainingConfig:
     lr_scheduler: str | None = None  # None: the base model's default, else cosine
     lr_warmup_steps: int = 0
     batch_size: int = 4
-    max_train_steps: int | None = None  # None: max_train_epochs, else from the dataset size
+    # None: max_train_epochs, else the base model's default, else from the dataset size
+    max_train_steps: int | None = None
     max_train_epochs: int | None = None  # passes over the repeated samples; exclusive with steps
-    save_every_n_steps: int | None = None  # None: about TARGET_CHECKPOINTS saves per run
+    # None: the base model's default when its length is used, else about TARGET_CHECKPOINTS saves
+    save_every_n_steps: int | None = None
     log_every_n_steps: int = 10
     resolution: int = 512  # the bucketing resolution; recorded in the LoRA's metadata
     seed: int = 0
